@@ -1,0 +1,345 @@
+"""VAR: the scale-blockwise autoregressive transformer (official `VAR`, `basic_var.py`).
+
+Sequence: [class token (+pos_start)] + teacher-forcing input of scales 1..K-1, L tokens in all,
+each position given `lvl_embed[scale] + pos_1LC[position]`. Attention is full inside a scale and
+causal across scales. Each block is AdaLN-modulated self-attention and MLP:
+
+    g1, g2, s1, s2, b1, b2 = ada_lin(silu(c))            (shared AdaLN: ada_gss + shared(c))
+    x = x + drop_path(attn(LN(x) * (1 + s1) + b1) * g1)
+    x = x + drop_path(ffn (LN(x) * (1 + s2) + b2) * g2)
+    logits = head(LN(x) * (1 + scale) + shift),  scale, shift = head_nm.ada_lin(silu(c))
+
+Attention normalises q and k (L2) and scales q by a learnt per-head exp(min(s, log 100)).
+The `depth` blocks are stacked on a leading axis and run with `nnx.scan` (one compiled block).
+
+Precision: parameters float32; matmuls in `config.dtype`; the residual stream, LayerNorm
+statistics, softmax and logits in float32. Logical sharding axes live in each parameter's
+`axes` metadata; `var_jax.sharding` maps them to a mesh.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from var_jax.models.config import VARConfig, to_jnp_dtype
+from var_jax.sharding import constrain
+
+F32 = jnp.float32
+LOG_100 = math.log(100.0)
+STACK = {nnx.PARTITION_NAME: None, 'axes': 'layers'}  # how nnx.vmap / nnx.scan tag the depth axis
+
+
+def trunc_normal(std: float, scale=1.0):
+    """torch `trunc_normal_(std=std)`, times `scale` (an array scales the output columns).
+
+    torch's bounds are absolute +-2, i.e. +-2/std sigmas (about 110 sigma for d16), so the
+    official init is a plain normal in practice; clipping at +-2 keeps the bound without
+    `jax.random.truncated_normal`, whose XLA compile costs ~0.15 s per shape on CPU.
+    """
+
+    def init(key, shape, dtype=F32):
+        x = jnp.clip(std * jax.random.normal(key, shape, F32), -2.0, 2.0)
+        return (x * jnp.asarray(scale, F32)).astype(dtype)
+
+    return init
+
+
+def _axes(*names):
+    return {'axes': names}
+
+
+def layer_norm(x: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without affine parameters, two-pass float32 statistics (as torch)."""
+    x = x.astype(F32)
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def _l2_normalize(x: jax.Array) -> jax.Array:
+    x = x.astype(F32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+@functools.lru_cache(maxsize=None)
+def scale_ids(patch_nums: tuple[int, ...]) -> np.ndarray:
+    """Scale index of every token position, (L,) int32 (official `lvl_1L`)."""
+    return np.concatenate([np.full(p * p, i, np.int32) for i, p in enumerate(patch_nums)])
+
+
+@functools.lru_cache(maxsize=None)
+def block_causal_mask(patch_nums: tuple[int, ...]) -> np.ndarray:
+    """(L, L) bool, True where query q may attend key k: scale(q) >= scale(k)."""
+    d = scale_ids(patch_nums)
+    return d[:, None] >= d[None, :]
+
+
+def scale_bounds(patch_nums: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[begin, end) token positions of every scale."""
+    ends = np.cumsum([p * p for p in patch_nums]).tolist()
+    return [(e - p * p, e) for e, p in zip(ends, patch_nums)]
+
+
+def attend(q, k, v, mask, implementation: str = 'xla'):
+    """softmax(q k^T + mask) v for q (B, Lq, H, D), k/v (B, Lk, H, D); mask (Lq, Lk) bool or None.
+
+    q must already carry its scale. Logits and softmax in float32.
+    """
+    if implementation == 'jax':
+        m = None if mask is None else jnp.broadcast_to(mask, (q.shape[0], q.shape[2]) + mask.shape)
+        return jax.nn.dot_product_attention(q, k, v, mask=m, scale=1.0)
+    logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=F32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+        c, h = cfg.C, cfg.H
+        d = c // h
+        self.cfg = cfg
+        # qkv kernel kept as (C, 3, H, D) so tensor parallelism splits whole heads.
+        self.mat_qkv = nnx.Param(trunc_normal(cfg.std)(rngs.params(), (c, 3, h, d)),
+                                 **_axes('embed', None, 'heads', 'head_dim'))
+        self.q_bias = nnx.Param(jnp.zeros((h, d), F32), **_axes('heads', 'head_dim'))
+        self.v_bias = nnx.Param(jnp.zeros((h, d), F32), **_axes('heads', 'head_dim'))
+        # the k bias is a fixed zero buffer in the official code: no parameter here.
+        if cfg.attn_l2_norm:
+            self.scale_mul = nnx.Param(jnp.full((h,), math.log(4.0), F32), **_axes('heads'))
+        self.proj = nnx.Linear(c, c, kernel_init=trunc_normal(cfg.std, 1 / math.sqrt(2 * cfg.depth)),
+                               dtype=to_jnp_dtype(cfg.dtype), rngs=rngs,
+                               kernel_metadata=_axes('heads', 'embed'), bias_metadata=_axes('embed'))
+
+    def __call__(self, x, *, mask=None, cache=None, start: int = 0):
+        """x (B, l, C). With `cache` = (k, v) of (B, L, H, D), writes this chunk at `start` and
+        attends to every cached position before `start + l` (no mask needed: the chunk is one
+        whole scale). Returns (out, cache)."""
+        cfg, dtype = self.cfg, to_jnp_dtype(self.cfg.dtype)
+        b, l, c = x.shape
+        qkv = jnp.einsum('blc,cthd->blthd', x.astype(dtype), self.mat_qkv[...].astype(dtype))
+        q = qkv[:, :, 0] + self.q_bias[...].astype(dtype)
+        k = qkv[:, :, 1]
+        v = qkv[:, :, 2] + self.v_bias[...].astype(dtype)
+        if cfg.attn_l2_norm:
+            scale = jnp.exp(jnp.minimum(self.scale_mul[...], LOG_100))
+            q = _l2_normalize(q) * scale[:, None]
+            k = _l2_normalize(k)
+        else:
+            q = q * (0.25 / math.sqrt(q.shape[-1]))
+        q, k, v = (constrain(t.astype(dtype), ('batch', None, 'heads', None)) for t in (q, k, v))
+        if cache is not None:
+            k_all = jax.lax.dynamic_update_slice(cache[0], k, (0, start, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(cache[1], v, (0, start, 0, 0))
+            cache = (k_all, v_all)
+            k, v = k_all[:, :start + l], v_all[:, :start + l]
+        out = attend(q, k, v, mask, cfg.attention).reshape(b, l, c)
+        return self.proj(out), cache
+
+
+class FFN(nnx.Module):
+    def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+        c, hidden, dtype = cfg.C, round(cfg.C * cfg.mlp_ratio), to_jnp_dtype(cfg.dtype)
+        self.fc1 = nnx.Linear(c, hidden, kernel_init=trunc_normal(cfg.std), dtype=dtype, rngs=rngs,
+                              kernel_metadata=_axes('embed', 'mlp'), bias_metadata=_axes('mlp'))
+        self.fc2 = nnx.Linear(hidden, c, kernel_init=trunc_normal(cfg.std, 1 / math.sqrt(2 * cfg.depth)),
+                              dtype=dtype, rngs=rngs, kernel_metadata=_axes('mlp', 'embed'),
+                              bias_metadata=_axes('embed'))
+
+    def __call__(self, x):
+        h = constrain(self.fc1(x), ('batch', None, 'mlp'))
+        return self.fc2(jax.nn.gelu(h, approximate=True))
+
+
+def _drop_path(x, rate, key):
+    """Per-sample stochastic depth (timm): drop the branch with prob `rate`, scale by 1/keep."""
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(mask, x / keep, 0.0).astype(x.dtype)
+
+
+class AdaLNSelfAttn(nnx.Module):
+    def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+        c = cfg.C
+        self.cfg = cfg
+        self.attn = SelfAttention(cfg, rngs=rngs)
+        self.ffn = FFN(cfg, rngs=rngs)
+        # rows [gamma1, gamma2 | scale1, scale2, shift1, shift2]: gammas start at init_adaln_gamma
+        col_scale = np.concatenate([np.full(2 * c, cfg.init_adaln_gamma), np.full(4 * c, cfg.init_adaln)])
+        if cfg.shared_aln:
+            gss = jax.random.normal(rngs.params(), (6, c), F32) / math.sqrt(c)
+            self.ada_gss = nnx.Param(gss * col_scale.reshape(6, c), **_axes(None, 'embed'))
+        else:
+            self.ada_lin = nnx.Linear(c, 6 * c, kernel_init=trunc_normal(cfg.std, col_scale),
+                                      dtype=to_jnp_dtype(cfg.dtype), rngs=rngs,
+                                      kernel_metadata=_axes('embed', None), bias_metadata=_axes(None))
+
+    def __call__(self, x, cond, *, mask=None, cache=None, start=0, drop_rate=0.0, rng=None):
+        """x (B, l, C) float32 residual stream; cond (B, C), or (B, 6, C) with shared AdaLN."""
+        cfg = self.cfg
+        if cfg.shared_aln:
+            mod = self.ada_gss[...][None] + cond
+        else:
+            mod = self.ada_lin(jax.nn.silu(cond)).reshape(-1, 6, cfg.C)
+        g1, g2, s1, s2, b1, b2 = (m.astype(F32) for m in jnp.split(mod, 6, axis=1))  # each (B, 1, C)
+        dtype = to_jnp_dtype(cfg.dtype)
+
+        h, cache = self.attn((layer_norm(x, cfg.norm_eps) * (1 + s1) + b1).astype(dtype),
+                             mask=mask, cache=cache, start=start)
+        h = h.astype(F32) * g1
+        if rng is not None:
+            h = _drop_path(h, drop_rate, jax.random.fold_in(rng, 0))
+        x = x + h
+        h = self.ffn((layer_norm(x, cfg.norm_eps) * (1 + s2) + b2).astype(dtype)).astype(F32) * g2
+        if rng is not None:
+            h = _drop_path(h, drop_rate, jax.random.fold_in(rng, 1))
+        x = constrain(x + h, ('batch', None, None))
+        return x, cache
+
+
+class AdaLNBeforeHead(nnx.Module):
+    def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.ada_lin = nnx.Linear(cfg.C, 2 * cfg.C, kernel_init=trunc_normal(cfg.std, cfg.init_adaln),
+                                  dtype=to_jnp_dtype(cfg.dtype), rngs=rngs,
+                                  kernel_metadata=_axes('embed', None), bias_metadata=_axes(None))
+
+    def __call__(self, x, cond):
+        scale, shift = jnp.split(self.ada_lin(jax.nn.silu(cond)).astype(F32), 2, axis=-1)
+        return layer_norm(x, self.cfg.norm_eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+class VAR(nnx.Module):
+    def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        c, std, dtype = cfg.C, cfg.std, to_jnp_dtype(cfg.dtype)
+        first_l = cfg.patch_nums[0] ** 2
+        self.word_embed = nnx.Linear(cfg.cvae, c, kernel_init=trunc_normal(std), dtype=dtype, rngs=rngs,
+                                     kernel_metadata=_axes(None, 'embed'), bias_metadata=_axes('embed'))
+        self.class_emb = nnx.Embed(cfg.num_classes + 1, c, embedding_init=trunc_normal(std), rngs=rngs,
+                                   embedding_metadata=_axes('classes', 'embed'))
+        self.pos_start = nnx.Param(trunc_normal(std)(rngs.params(), (1, first_l, c)), **_axes(None, None, 'embed'))
+        self.pos_1LC = nnx.Param(trunc_normal(std)(rngs.params(), (1, cfg.L, c)), **_axes(None, None, 'embed'))
+        self.lvl_embed = nnx.Embed(len(cfg.patch_nums), c, embedding_init=trunc_normal(std), rngs=rngs,
+                                   embedding_metadata=_axes(None, 'embed'))
+        if cfg.shared_aln:
+            self.shared_ada_lin = nnx.Linear(c, 6 * c, kernel_init=trunc_normal(std), dtype=dtype, rngs=rngs,
+                                             kernel_metadata=_axes('embed', None), bias_metadata=_axes(None))
+
+        @nnx.split_rngs(splits=cfg.depth)
+        @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=STACK)
+        def make_blocks(rngs):
+            return AdaLNSelfAttn(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.head_nm = AdaLNBeforeHead(cfg, rngs=rngs)
+        self.head = nnx.Linear(c, cfg.vocab_size, kernel_init=trunc_normal(std, cfg.init_head), dtype=dtype,
+                               rngs=rngs, kernel_metadata=_axes('embed', 'vocab'), bias_metadata=_axes('vocab'))
+
+    # ------------------------------------------------------------------ pieces
+    def lvl_pos(self) -> jax.Array:
+        """(1, L, C) level + absolute position embedding of every token position."""
+        return self.lvl_embed(jnp.asarray(scale_ids(self.config.patch_nums)))[None] + self.pos_1LC[...]
+
+    def condition(self, labels):
+        """labels (B,) -> (cond (B, C) for the head and sos, block conditioning)."""
+        cond = self.class_emb(labels).astype(F32)
+        if self.config.shared_aln:
+            return cond, self.shared_ada_lin(jax.nn.silu(cond)).astype(F32).reshape(-1, 6, self.config.C)
+        return cond, cond
+
+    def run_blocks(self, x, block_cond, *, mask=None, cache=None, start=0, rng=None):
+        """All blocks via one scanned block. `cache`: (k, v) stacked over depth, or None."""
+        cfg = self.config
+        dprs = jnp.asarray(np.linspace(0.0, cfg.dpr, cfg.depth), F32)
+        keys = None if rng is None else jax.random.split(rng, cfg.depth)
+
+        def block_fn(block, x, layer_cache, dpr, key):
+            return block(x, block_cond, mask=mask, cache=layer_cache, start=start, drop_rate=dpr, rng=key)
+
+        if cfg.remat != 'none':
+            policy = None if cfg.remat == 'block' else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
+            block_fn = nnx.remat(block_fn, policy=policy)
+
+        @nnx.scan(in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=STACK)
+        def scan_fn(block, x, layer_cache, dpr, key):
+            return block_fn(block, x, layer_cache, dpr, key)
+
+        return scan_fn(self.blocks, x, cache, dprs, keys)
+
+    def head_logits(self, x, cond):
+        h = self.head_nm(x, cond).astype(to_jnp_dtype(self.config.dtype))
+        return constrain(self.head(h).astype(F32), ('batch', None, 'vocab'))
+
+    # ------------------------------------------------------------------ teacher forcing
+    def __call__(self, labels, var_input, *, train: bool = False, rng=None):
+        """labels (B,) int in [0, num_classes] (num_classes = null class), var_input
+        (B, L - pn_0^2, Cvae) -> logits (B, L, V) float32.
+
+        With `train=True` (needs `rng`): label dropout (`cond_drop_rate`) and drop-path.
+        Outside training nothing is random (unlike the official forward, which always drops labels).
+        """
+        cfg = self.config
+        labels, var_input = self.check_inputs(labels, var_input)
+        if train:
+            if rng is None:
+                raise ValueError('VAR(train=True) needs an rng key')
+            rng, k_label = jax.random.split(rng)
+            drop = jax.random.uniform(k_label, labels.shape) < cfg.cond_drop_rate
+            labels = jnp.where(drop, cfg.num_classes, labels)
+        else:
+            rng = None
+        cond, block_cond = self.condition(labels)
+        first_l = cfg.patch_nums[0] ** 2
+        sos = jnp.broadcast_to(cond[:, None, :], (cond.shape[0], first_l, cfg.C)) + self.pos_start[...]
+        x = jnp.concatenate([sos, self.word_embed(var_input.astype(F32)).astype(F32)], axis=1)
+        x = constrain(x + self.lvl_pos(), ('batch', None, None))
+        mask = jnp.asarray(block_causal_mask(cfg.patch_nums))
+        x, _ = self.run_blocks(x, block_cond, mask=mask, rng=rng)
+        return self.head_logits(x, cond)
+
+    def check_inputs(self, labels, var_input):
+        cfg = self.config
+        labels, var_input = jnp.asarray(labels), jnp.asarray(var_input)
+        want = (cfg.L - cfg.patch_nums[0] ** 2, cfg.cvae)
+        if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer):
+            raise ValueError(f'labels must be integer (B,), got {labels.dtype} {labels.shape}')
+        if var_input.ndim != 3 or var_input.shape[1:] != want or var_input.shape[0] != labels.shape[0]:
+            raise ValueError(f'var_input must be (B={labels.shape[0]}, {want[0]}, {want[1]}), got {var_input.shape}')
+        if not isinstance(labels, jax.core.Tracer) and labels.size:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi > cfg.num_classes:
+                raise ValueError(f'labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = unconditional), '
+                                 f'got [{lo}, {hi}]')
+        return labels.astype(jnp.int32), var_input
+
+    # ------------------------------------------------------------------ KV-cached inference
+    def init_cache(self, batch: int):
+        cfg = self.config
+        shape = (cfg.depth, batch, cfg.L, cfg.H, cfg.C // cfg.H)
+        z = jnp.zeros(shape, to_jnp_dtype(cfg.dtype))
+        return z, z
+
+    def first_input(self, cond) -> jax.Array:
+        """Input of scale 0: class embedding + pos_start + its level/position embedding."""
+        first_l = self.config.patch_nums[0] ** 2
+        return cond[:, None, :] + self.pos_start[...] + self.lvl_pos()[:, :first_l]
+
+    def scale_input(self, si: int, x_cvae) -> jax.Array:
+        """Input of scale si >= 1 from f_hat downsampled to that scale, (B, pn^2, Cvae)."""
+        begin, end = scale_bounds(self.config.patch_nums)[si]
+        return self.word_embed(x_cvae.astype(F32)).astype(F32) + self.lvl_pos()[:, begin:end]
+
+    def step(self, si: int, x, cond, block_cond, cache):
+        """Run scale si's tokens (B, pn^2, C) through the network with the KV cache.
+
+        Returns (logits (B, pn^2, V), cache)."""
+        begin, _ = scale_bounds(self.config.patch_nums)[si]
+        x, cache = self.run_blocks(x, block_cond, cache=cache, start=begin)
+        return self.head_logits(x, cond), cache
