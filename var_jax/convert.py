@@ -218,16 +218,23 @@ def var_from_state(sd: dict[str, np.ndarray], cfg: VARConfig | None = None) -> V
             flat[path] = (key, val)
         else:
             per_block.setdefault(path, {})[i] = (key, val)
+    model = abstract(cfg)
+    targets = dict(nnx.to_flat_state(nnx.state(model)))
     for path, blocks in per_block.items():
+        for i, (key, val) in blocks.items():
+            if path not in targets:
+                raise ValueError(f'VAR: unexpected key {key!r} for this architecture')
+            if i >= cfg.depth or val.shape != tuple(targets[path].shape[1:]):
+                raise ValueError(f'VAR: key {key!r} has shape {val.shape}, expected '
+                                 f'{tuple(targets[path].shape[1:])} (checkpoint from another model?)')
         missing = sorted(set(range(cfg.depth)) - set(blocks))
+        example = next(iter(blocks.values()))[0]
         if missing:
-            raise ValueError(f'VAR: checkpoint is missing blocks.{missing[0]}.* for {".".join(path[1:])}')
-        shapes = {v.shape for _, v in blocks.values()}
-        if len(shapes) != 1:
-            raise ValueError(f'VAR: blocks disagree on the shape of {".".join(path[1:])}: {sorted(shapes)}')
-        flat[path] = (blocks[0][0].replace('blocks.0.', 'blocks.*.'),
+            key = re.sub(r'^blocks\.\d+\.', f'blocks.{missing[0]}.', example)
+            raise ValueError(f'VAR: checkpoint is missing key {key!r}')
+        flat[path] = (re.sub(r'^blocks\.\d+\.', 'blocks.*.', example),
                       np.stack([blocks[i][1] for i in range(cfg.depth)]))
-    return _fill(abstract(cfg), flat, 'VAR')
+    return _fill(model, flat, 'VAR')
 
 
 # ---------------------------------------------------------------------------- public API

@@ -1,0 +1,73 @@
+"""Shared test setup: 8 fake CPU devices, the official parity fixtures, tiny models.
+
+Compile time dominates on a 2-core CPU, so models are tiny and built once per session.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+
+import jax
+
+jax.config.update('jax_num_cpu_devices', 8)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from var_jax.models import VARConfig, VQVAEConfig, create  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FIXTURES = pathlib.Path(os.environ.get('VAR_JAX_FIXTURES', REPO.parent / 'shared' / 'fixtures'))
+FIXTURE_NAMES = ('var_tiny', 'var_tiny_saln')
+
+
+def fixture_dir(name: str) -> pathlib.Path:
+    d = FIXTURES / name
+    if not (d / 'expected.npz').exists():
+        msg = f'parity fixtures not found at {d} (set VAR_JAX_FIXTURES)'
+        if os.environ.get('CI'):
+            pytest.fail(msg + ': CI must run the parity tests')
+        pytest.skip(msg)
+    return d
+
+
+class Fixture:
+    """One official reference fixture: converted models, expected outputs, tolerances."""
+
+    def __init__(self, name: str):
+        from var_jax.convert import load_official
+
+        self.name = name
+        self.dir = fixture_dir(name)
+        self.vqvae, self.var = load_official(self.dir / 'vae.pth', self.dir / 'var.pth')
+        self.expected = dict(np.load(self.dir / 'expected.npz'))
+        meta = json.loads((self.dir / 'meta.json').read_text())
+        self.atol = meta['tolerances']['suggested_atol_for_fp32_port']
+
+
+_CACHE: dict[str, Fixture] = {}
+
+
+@pytest.fixture(scope='session', params=FIXTURE_NAMES)
+def official(request) -> Fixture:
+    if request.param not in _CACHE:
+        _CACHE[request.param] = Fixture(request.param)
+    return _CACHE[request.param]
+
+
+# Tiny models: 8x8 images, 4 scales, for tests of behaviour rather than numbers.
+TINY_PNS = (1, 2, 3, 4)
+TINY_VQ = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                      patch_nums=TINY_PNS)
+TINY_VAR = VARConfig(depth=2, width=64, num_heads=2, vocab_size=64, cvae=8, patch_nums=TINY_PNS, num_classes=10)
+
+
+@pytest.fixture(scope='session')
+def tiny_vqvae():
+    return create(TINY_VQ, seed=0)
+
+
+@pytest.fixture(scope='session')
+def tiny_var():
+    return create(TINY_VAR, seed=1)

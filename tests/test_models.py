@@ -1,0 +1,164 @@
+"""Model structure: parameter counts, Phi table, resizes vs torch, mask, precision, bad input."""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from var_jax.models import (PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig, abstract, check_pair, create,
+                            var_config, vqvae_config)
+from var_jax.models.quantizer import phi_table
+from var_jax.models.resize import area_matrix, bicubic_matrix, resize
+from var_jax.models.var import block_causal_mask, scale_bounds
+
+from conftest import TINY_PNS, TINY_VAR, TINY_VQ
+
+
+def n_params(cfg) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(abstract(cfg), nnx.Param)))
+
+
+@pytest.mark.parametrize('depth,count', [(16, 310_283_520), (20, 600_917_136), (24, 1_033_399_360),
+                                         (30, 2_010_020_356), (36, 2_353_893_904)])
+def test_official_var_parameter_counts(depth, count):
+    assert n_params(var_config(depth)) == count
+
+
+def test_official_vqvae_parameter_count():
+    assert n_params(vqvae_config()) == 108_948_355
+
+
+def test_d36_is_the_512px_shared_adaln_model():
+    cfg = var_config(36)
+    assert cfg.shared_aln and cfg.patch_nums == PATCH_NUMS_512 and cfg.L == 2240
+
+
+def test_phi_table():
+    assert phi_table(10, 4) == (0, 0, 1, 1, 1, 2, 2, 3, 3, 3)  # si=2, 7 are float64 ties
+    assert phi_table(10, 1) == (0,) * 10
+    assert phi_table(10, 0) == tuple(range(10))
+    assert phi_table(4, 4) == (0, 1, 2, 3)
+
+
+TORCH = dict(np.load(pathlib.Path(__file__).parent / 'data' / 'torch_resize.npz'))
+
+
+@pytest.mark.parametrize('name', sorted(TORCH))
+def test_resize_matrices_equal_torch(name):
+    kind, n_in, n_out = name.split('_')
+    make = area_matrix if kind == 'area' else bicubic_matrix
+    np.testing.assert_allclose(make(int(n_in), int(n_out)), TORCH[name], rtol=0, atol=2e-7)
+
+
+def test_resize_applies_both_axes():
+    x = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
+    m = TORCH['bicubic_5_16']
+    small = np.asarray(resize(jnp.asarray(x), 5, 'area'))
+    np.testing.assert_allclose(small, np.einsum('oh,bhwc,pw->bopc', TORCH['area_16_5'], x, TORCH['area_16_5']),
+                               atol=1e-5)
+    np.testing.assert_allclose(np.asarray(resize(jnp.asarray(small), 16, 'bicubic')),
+                               np.einsum('oh,bhwc,pw->bopc', m, small, m), atol=1e-5)
+    assert resize(x, 16, 'area') is x
+
+
+def test_block_causal_mask():
+    mask = block_causal_mask(PATCH_NUMS_256)
+    assert mask.shape == (680, 680)
+    bounds = scale_bounds(PATCH_NUMS_256)
+    for si, (b, e) in enumerate(bounds):
+        assert mask[b:e, :e].all(), 'a scale sees itself and every earlier scale'
+        assert not mask[b:e, e:].any(), 'and nothing later'
+
+
+def test_logits_depend_only_on_own_and_earlier_scales(tiny_var):
+    """Perturb the input of one scale: logits before it are unchanged, from it on they change."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, TINY_VAR.L - 1, TINY_VAR.cvae)).astype(np.float32)
+    labels = np.array([1, 2])
+    base = np.asarray(tiny_var(labels, x))
+    b, e = scale_bounds(TINY_PNS)[2]  # scale 2 occupies input rows b-1 .. e-1 (row 0 is the class token)
+    x2 = x.copy()
+    x2[:, b - 1:e - 1] += 1.0
+    out = np.asarray(tiny_var(labels, x2))
+    np.testing.assert_array_equal(out[:, :b], base[:, :b])
+    assert np.abs(out[:, b:e] - base[:, b:e]).min() > 0, 'tokens of the same scale see each other'
+
+
+def test_training_mode_randomness(tiny_var):
+    x = np.random.default_rng(0).normal(size=(4, TINY_VAR.L - 1, TINY_VAR.cvae)).astype(np.float32)
+    labels = np.arange(4)
+    eval_logits = np.asarray(tiny_var(labels, x))
+    np.testing.assert_array_equal(eval_logits, np.asarray(tiny_var(labels, x)))
+    with pytest.raises(ValueError, match='rng'):
+        tiny_var(labels, x, train=True)
+    fwd = nnx.jit(lambda m, l, x, k: m(l, x, train=True, rng=k))
+    a, b = fwd(tiny_var, labels, x, jax.random.key(1)), fwd(tiny_var, labels, x, jax.random.key(2))
+    assert not np.allclose(a, b), 'label dropout / drop-path use the key'
+    np.testing.assert_array_equal(a, fwd(tiny_var, labels, x, jax.random.key(1)))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    cfg = TINY_VAR.replace(dtype='bfloat16')
+    var32, var16 = create(TINY_VAR, seed=3), create(cfg, seed=3)
+    assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(nnx.state(var16, nnx.Param)))
+    x = np.random.default_rng(0).normal(size=(2, cfg.L - 1, cfg.cvae)).astype(np.float32)
+    lo, hi = var16(np.array([0, 1]), x), var32(np.array([0, 1]), x)
+    assert lo.dtype == jnp.float32
+    assert float(jnp.max(jnp.abs(lo - hi))) < 0.05 * float(jnp.max(jnp.abs(hi))) + 0.05
+
+
+# ---------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize('kw,match', [
+    (dict(ch=48), 'divisible by num_groups'),
+    (dict(patch_nums=(1, 3, 2)), 'strictly increasing'),
+    (dict(patch_nums=(0, 1)), 'positive'),
+    (dict(dtype='float8'), 'unknown dtype'),
+])
+def test_vqvae_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        VQVAEConfig(**kw)
+
+
+@pytest.mark.parametrize('kw,match', [
+    (dict(width=100, num_heads=3), 'not divisible'),
+    (dict(cond_drop_rate=1.0), 'cond_drop_rate'),
+    (dict(attention='flash'), 'attention'),
+])
+def test_var_config_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        VARConfig(**kw)
+
+
+def test_mismatched_pair():
+    with pytest.raises(ValueError, match='patch_nums differ'):
+        check_pair(TINY_VQ, TINY_VAR.replace(patch_nums=(1, 2, 4)))
+    with pytest.raises(ValueError, match='vocab_size differs'):
+        check_pair(TINY_VQ, TINY_VAR.replace(vocab_size=32))
+
+
+def test_tokenizer_input_errors(tiny_vqvae):
+    with pytest.raises(ValueError, match='NHWC'):
+        tiny_vqvae.img_to_idx(np.zeros((2, 3, 8, 8), np.float32))
+    with pytest.raises(ValueError, match=r'\[-1, 1\]'):
+        tiny_vqvae.img_to_idx(np.full((1, 8, 8, 3), 255.0, np.float32))
+    with pytest.raises(ValueError, match='floating'):
+        tiny_vqvae.img_to_idx(np.zeros((1, 8, 8, 3), np.uint8))
+    idx = tiny_vqvae.img_to_idx(np.zeros((1, 8, 8, 3), np.float32))
+    with pytest.raises(ValueError, match='one per scale'):
+        tiny_vqvae.idx_to_img(idx[:-1])
+    with pytest.raises(ValueError, match='token ids'):
+        tiny_vqvae.idx_to_img(idx[:-1] + [idx[-1] + 1000])
+
+
+def test_var_input_errors(tiny_var):
+    x = np.zeros((2, TINY_VAR.L - 1, TINY_VAR.cvae), np.float32)
+    with pytest.raises(ValueError, match=r'labels must be in \[0, 10\]'):
+        tiny_var(np.array([0, 11]), x)
+    with pytest.raises(ValueError, match='var_input must be'):
+        tiny_var(np.array([0, 1]), x[:, 1:])
+    with pytest.raises(ValueError, match='integer'):
+        tiny_var(np.array([0.0, 1.0]), x)

@@ -1,0 +1,139 @@
+"""Orbax checkpoints: model checkpoints (convert / sample) and training state (both trainers).
+
+A *model checkpoint* directory holds `model.json` (the model configs) and `params/` (an Orbax
+checkpoint of {'vqvae': ..., 'var': ...} parameter states). A *training workdir* holds the same
+`model.json` plus `checkpoints/<step>/` written by `TrainCheckpointer`; `load_model` reads either,
+so `python -m var_jax.sample --checkpoint` takes a converted checkpoint or a training workdir.
+Writes go to a temporary sibling and are renamed into place: an interrupted save leaves nothing
+half-written under the final name.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+from flax import nnx
+
+from var_jax.models import VARConfig, VQVAEConfig, abstract, check_pair
+
+MODEL_FILE = 'model.json'
+FORMAT = 'var_jax.model/1'
+
+
+# ---------------------------------------------------------------------------- model configs
+def write_model_json(directory, *, vqvae: VQVAEConfig | None, var: VARConfig | None, **extra) -> None:
+    d = epath.Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+    payload = {'format': FORMAT, 'vqvae': vqvae.to_dict() if vqvae else None,
+               'var': var.to_dict() if var else None, **extra}
+    tmp = d / f'.{MODEL_FILE}.{uuid.uuid4().hex}'
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.rename(d / MODEL_FILE)
+
+
+def read_model_json(directory) -> tuple[VQVAEConfig | None, VARConfig | None, dict]:
+    f = epath.Path(directory) / MODEL_FILE
+    if not f.exists():
+        raise ValueError(f'{directory}: not a var_jax checkpoint or workdir (no {MODEL_FILE})')
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{f}: corrupt ({e})') from None
+    if d.get('format') != FORMAT:
+        raise ValueError(f'{f}: unknown format {d.get("format")!r} (expected {FORMAT})')
+    vq = VQVAEConfig.from_dict(d['vqvae']) if d.get('vqvae') else None
+    var = VARConfig.from_dict(d['var']) if d.get('var') else None
+    return vq, var, d
+
+
+# ---------------------------------------------------------------------------- abstract targets
+def abstract_params(cfg, shardings=None):
+    """Abstract parameter state of a model (ShapeDtypeStructs with a sharding, as Orbax needs)."""
+    state = nnx.state(abstract(cfg), nnx.Param)
+    if shardings is None:
+        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), state)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
+
+
+def merge_params(cfg, params):
+    graphdef, _ = nnx.split(abstract(cfg))
+    return nnx.merge(graphdef, params)
+
+
+# ---------------------------------------------------------------------------- model checkpoints
+def save_model(out, *, vqvae, var=None, overwrite: bool = False, source: dict | None = None) -> None:
+    """Write a model checkpoint directory atomically (temporary sibling, then rename)."""
+    out = epath.Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f'{out} exists; pass --force to overwrite')
+    if var is not None:
+        check_pair(vqvae.config, var.config)
+    tmp = out.parent / f'.{out.name}.tmp-{uuid.uuid4().hex[:8]}'
+    try:
+        params = {'vqvae': nnx.state(vqvae, nnx.Param)}
+        if var is not None:
+            params['var'] = nnx.state(var, nnx.Param)
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp / 'params', params)
+            ckptr.wait_until_finished()
+        write_model_json(tmp, vqvae=vqvae.config, var=var.config if var else None, source=source or {})
+        if out.exists():
+            shutil.rmtree(os.fspath(out))
+        tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(os.fspath(tmp), ignore_errors=True)
+
+
+def load_model(path, *, step: int | None = None, need_var: bool = False, shardings=None):
+    """Model checkpoint or training workdir -> (VQVAE, VAR or None), float32 NNX modules."""
+    path = epath.Path(path)
+    if not path.exists():
+        raise ValueError(f'{path}: no such checkpoint directory')
+    vq_cfg, var_cfg, _ = read_model_json(path)
+    if vq_cfg is None:
+        raise ValueError(f'{path}: holds no tokenizer config')
+    if need_var and var_cfg is None:
+        raise ValueError(f'{path}: holds a tokenizer only; a VAR checkpoint is needed here')
+    sh = shardings or {}
+    target = {'vqvae': abstract_params(vq_cfg, sh.get('vqvae'))}
+    if var_cfg is not None:
+        target['var'] = abstract_params(var_cfg, sh.get('var'))
+    if (path / 'params').exists():
+        params = _restore(path / 'params', target)
+    elif (path / CHECKPOINTS).exists():
+        params = TrainCheckpointer(path).restore_params(target, step=step)
+    else:
+        raise ValueError(f'{path}: has {MODEL_FILE} but no params/ or {CHECKPOINTS}/ (incomplete?)')
+    vqvae = merge_params(vq_cfg, params['vqvae'])
+    var = merge_params(var_cfg, params['var']) if var_cfg is not None else None
+    return vqvae, var
+
+
+def _restore(directory, target):
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(directory, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise ValueError(f'{directory}: cannot restore parameters ({str(e).splitlines()[0][:300]})') from None
+
+
+# ---------------------------------------------------------------------------- training state
+CHECKPOINTS = 'checkpoints'
+
+
+class TrainCheckpointer:
+    """Placeholder until the trainer lands (see var_jax.trainer)."""
+
+    def __init__(self, workdir):
+        self.workdir = epath.Path(workdir)
+
+    def restore_params(self, target: dict[str, Any], step: int | None = None):
+        raise ValueError(f'{self.workdir}: training checkpoints are not readable yet')

@@ -1,0 +1,171 @@
+"""Next-scale sampling with a KV cache and classifier-free guidance (official
+`autoregressive_infer_cfg`).
+
+For each scale k = 0..K-1 (unrolled: K static shapes, one compiled program):
+    logits = VAR(tokens of scale k | cache)              batch doubled: [conditional; null class]
+    logits = (1 + t) * cond - t * uncond,  t = cfg * k / (K - 1)     (no guidance at k = 0)
+    r_k    ~ softmax(top_k / top_p filtered logits)       (per-row PRNG key folded with k)
+    f_hat  += Phi_k(bicubic(E[r_k]));  next input = area(f_hat -> pn_{k+1})
+image = decode(f_hat), returned in [0, 1].
+
+Randomness is per row: row i uses `fold_in(key, i)` (or its own key when `keys` has one per row),
+so an image depends on its key and label only, not on the batch it is sampled in.
+The same loop serves zero-shot editing (`teacher=`): tokens outside the mask are forced.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from var_jax.models import VAR, VQVAE, check_pair
+
+F32 = jnp.float32
+
+
+# ---------------------------------------------------------------------------- token filtering
+def filter_logits(logits: jax.Array, top_k, top_p) -> tuple[jax.Array, jax.Array]:
+    """Official `sample_with_top_k_top_p_` as a mask, for logits (..., V).
+
+    top-k removes logits strictly below the k-th largest (ties kept); top-p then sorts ascending
+    and removes where the cumulative probability is <= 1 - top_p, always keeping the maximum.
+    `top_k <= 0` / `top_p <= 0` switch a filter off. Both may be traced.
+    Returns (logits sorted ascending with removed entries at -inf, the sort permutation).
+    """
+    v = logits.shape[-1]
+    order = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), logits.shape)
+    srt, order = jax.lax.sort_key_val(logits.astype(F32), order, dimension=-1)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    kth_largest = jnp.take_along_axis(srt, jnp.broadcast_to(v - k, srt.shape[:-1] + (1,)).astype(jnp.int32), -1)
+    srt = jnp.where(srt < kth_largest, -jnp.inf, srt)
+    cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
+    remove = (cum <= 1 - top_p) & (top_p > 0)
+    remove = remove.at[..., -1].set(False)
+    return jnp.where(remove, -jnp.inf, srt), order
+
+
+def sample_tokens(key, logits, top_k, top_p, more_smooth: bool = False, ratio: float = 0.0,
+                  codebook: jax.Array | None = None):
+    """Draw one token per position from logits (l, V) of one row.
+
+    Returns (tokens (l,) int32, code vectors (l, C) or None). With `more_smooth` the code
+    vectors are the official Gumbel-softmax blend over the filtered logits (visual smoothing only).
+    """
+    k_tok, k_gumbel = jax.random.split(key)
+    srt, order = filter_logits(logits, top_k, top_p)
+    pick = jax.random.categorical(k_tok, srt, axis=-1)
+    tokens = jnp.take_along_axis(order, pick[..., None], -1)[..., 0]
+    if not more_smooth:
+        return tokens, None
+    filtered = jnp.full_like(srt, -jnp.inf).at[jnp.arange(srt.shape[0])[:, None], order].set(srt)
+    tau = max(0.27 * (1 - 0.95 * ratio), 0.005)
+    g = jax.random.gumbel(k_gumbel, filtered.shape, F32)
+    soft = jax.nn.softmax((filtered * (1 + ratio) + g) / tau, axis=-1)
+    return tokens, soft @ codebook
+
+
+# ---------------------------------------------------------------------------- the loop
+TRACE_COUNT = {'generate': 0}  # incremented when the sampler is traced (tests check no recompiles)
+
+
+def _generate(var: VAR, vqvae: VQVAE, labels, keys, cfg, top_k, top_p, more_smooth: bool,
+              teacher=None, return_logits: bool = False):
+    """Traceable next-scale loop. labels (B,), keys (B,) PRNG keys -> (idx_list, f_hat, logits)."""
+    TRACE_COUNT['generate'] += 1
+    vc, pns = var.config, var.config.patch_nums
+    b, sn = labels.shape[0], len(pns)
+    cond, block_cond = var.condition(jnp.concatenate([labels, jnp.full_like(labels, vc.num_classes)]))
+    cache = var.init_cache(2 * b)
+    x = var.first_input(cond)
+    f_hat = jnp.zeros((b, vqvae.config.latent_size, vqvae.config.latent_size, vqvae.config.z_channels), F32)
+    codebook = vqvae.quantize.codebook()
+    idx_list, guided = [], []
+    for si, pn in enumerate(pns):
+        ratio = si / max(sn - 1, 1)
+        logits, cache = var.step(si, x, cond, block_cond, cache)
+        t = cfg * ratio
+        logits = (1 + t) * logits[:b] - t * logits[b:]
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, si))(keys)
+        idx, soft = jax.vmap(lambda k, lg: sample_tokens(k, lg, top_k, top_p, more_smooth, ratio, codebook))(
+            step_keys, logits)
+        if teacher is not None:  # editing: keep the given tokens where the mask is 0
+            forced, free = teacher[0][si], teacher[1][si]
+            idx = jnp.where(free, idx, forced)
+            if soft is not None:
+                soft = jnp.where(free[..., None], soft, jnp.take(codebook, forced, axis=0))
+        h = jnp.take(codebook, idx, axis=0) if soft is None else soft
+        f_hat, nxt = vqvae.quantize.next_input(si, f_hat, h.reshape(b, pn, pn, -1))
+        if nxt is not None:
+            x = var.scale_input(si + 1, nxt)
+            x = jnp.concatenate([x, x])
+        idx_list.append(idx.astype(jnp.int32))
+        if return_logits:
+            guided.append(logits)
+    return idx_list, f_hat, (jnp.concatenate(guided, 1) if return_logits else None)
+
+
+@nnx.jit(static_argnames=('more_smooth', 'return_logits', 'decode'))
+def _sample_jit(var, vqvae, labels, keys, cfg, top_k, top_p, teacher=None, *, more_smooth=False,
+                return_logits=False, decode=True):
+    idx_list, f_hat, logits = _generate(var, vqvae, labels, keys, cfg, top_k, top_p, more_smooth, teacher,
+                                        return_logits)
+    images = (vqvae.decode(f_hat) + 1) / 2 if decode else None
+    return images, idx_list, f_hat, logits
+
+
+def row_keys(key, batch: int) -> jax.Array:
+    """One key per row: `fold_in(key, i)` for a single key, or the given (B,) keys."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        single = key.ndim == 0
+    else:  # raw uint32 keys: (2,) single or (B, 2)
+        single = key.ndim == 1
+    if single:
+        return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(batch))
+    if key.shape[0] != batch:
+        raise ValueError(f'got {key.shape[0]} keys for {batch} labels')
+    return key
+
+
+def check_sampling_args(var: VAR, labels, cfg, top_k, top_p):
+    labels = jnp.asarray(labels)
+    if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape[0] < 1:
+        raise ValueError(f'labels must be a non-empty integer vector (B,), got {labels.dtype} {labels.shape}')
+    n = var.config.num_classes
+    if not isinstance(labels, jax.core.Tracer):
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi > n:
+            raise ValueError(f'class labels must be in [0, {n - 1}] (or {n} for unconditional), got [{lo}, {hi}]')
+    if cfg < 0:
+        raise ValueError(f'cfg must be >= 0, got {cfg}')
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f'top_k must be a non-negative integer (0 = off), got {top_k}')
+    if not 0 <= top_p <= 1:
+        raise ValueError(f'top_p must be in [0, 1] (0 = off), got {top_p}')
+    return labels.astype(jnp.int32)
+
+
+def sample(var: VAR, vqvae: VQVAE, labels, key, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,
+           more_smooth: bool = False, *, return_logits: bool = False, teacher=None):
+    """Class-conditional samples: -> (images NHWC float32 in [0, 1], idx_list [(B, pn*pn) int32]).
+
+    `key` is one PRNG key (row i uses fold_in(key, i)) or one key per label. `cfg`, `top_k` and
+    `top_p` are traced: changing them does not recompile; a new batch size does.
+    With `return_logits` a third value holds the guided logits the sampler drew from (B, L, V).
+    """
+    check_pair(vqvae.config, var.config)
+    labels = check_sampling_args(var, labels, cfg, top_k, top_p)
+    keys = row_keys(key, labels.shape[0])
+    images, idx_list, _, logits = _sample_jit(
+        var, vqvae, labels, keys, jnp.asarray(cfg, F32), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, F32),
+        teacher, more_smooth=bool(more_smooth), return_logits=return_logits)
+    return (images, idx_list, logits) if return_logits else (images, idx_list)
+
+
+def generate_fhat(var: VAR, vqvae: VQVAE, labels, key, cfg=1.5, top_k=900, top_p=0.96, more_smooth=False):
+    """The transformer part of `sample` alone: -> (idx_list, f_hat); decode with `vqvae.decode`."""
+    labels = check_sampling_args(var, labels, cfg, top_k, top_p)
+    _, idx_list, f_hat, _ = _sample_jit(
+        var, vqvae, labels, row_keys(key, labels.shape[0]), jnp.asarray(cfg, F32), jnp.asarray(top_k, jnp.int32),
+        jnp.asarray(top_p, F32), more_smooth=bool(more_smooth), decode=False)
+    return idx_list, f_hat
