@@ -97,7 +97,7 @@ def load_model(path, *, step: int | None = None, need_var: bool = False, shardin
     path = epath.Path(path)
     if not path.exists():
         raise ValueError(f'{path}: no such checkpoint directory')
-    vq_cfg, var_cfg, _ = read_model_json(path)
+    vq_cfg, var_cfg, meta = read_model_json(path)
     if vq_cfg is None:
         raise ValueError(f'{path}: holds no tokenizer config')
     if need_var and var_cfg is None:
@@ -109,9 +109,17 @@ def load_model(path, *, step: int | None = None, need_var: bool = False, shardin
     if (path / 'params').exists():
         params = _restore(path / 'params', target)
     elif (path / CHECKPOINTS).exists():
-        params = TrainCheckpointer(path).restore_params(target, step=step)
+        ckpt = TrainCheckpointer(path, read_only=True)
+        params = ckpt.restore_params(target, step=step)
+        ckpt.close()
     else:
         raise ValueError(f'{path}: has {MODEL_FILE} but no params/ or {CHECKPOINTS}/ (incomplete?)')
+    if 'vqvae' not in params:  # a VAR training workdir: the frozen tokenizer is stored beside it
+        tok = meta.get('tokenizer')
+        if not tok:
+            raise ValueError(f'{path}: holds no tokenizer parameters and names no tokenizer')
+        tok_path = epath.Path(tok) if epath.Path(tok).is_absolute() else path / tok
+        params['vqvae'] = nnx.state(load_model(tok_path, shardings={'vqvae': sh.get('vqvae')})[0], nnx.Param)
     vqvae = merge_params(vq_cfg, params['vqvae'])
     var = merge_params(var_cfg, params['var']) if var_cfg is not None else None
     return vqvae, var
@@ -130,10 +138,67 @@ CHECKPOINTS = 'checkpoints'
 
 
 class TrainCheckpointer:
-    """Placeholder until the trainer lands (see var_jax.trainer)."""
+    """Orbax CheckpointManager over `workdir/checkpoints/<step>/` with three items:
 
-    def __init__(self, workdir):
+    `params` (what inference loads: {'var': ...} or {'vqvae': ...}, plus '<name>_ema'), `state`
+    (everything else needed to continue: step, rng, optimizer, other models, task extras) and
+    `data` (the grain iterator position). Saves are asynchronous; `wait()` before exiting.
+    """
+
+    def __init__(self, workdir, *, keep: int | None = 3, async_save: bool = True, read_only: bool = False):
         self.workdir = epath.Path(workdir)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                               enable_async_checkpointing=async_save)
+        self.mngr = ocp.CheckpointManager(self.workdir / CHECKPOINTS, options=options,
+                                          item_names=('params', 'state', 'data'))
+
+    def latest_step(self) -> int | None:
+        return self.mngr.latest_step()
+
+    def save(self, step: int, params, state, data_iter=None, *, force: bool = False) -> bool:
+        import grain  # noqa: PLC0415
+
+        items = {'params': ocp.args.StandardSave(params), 'state': ocp.args.StandardSave(state)}
+        if data_iter is not None:
+            items['data'] = grain.checkpoint.CheckpointSave(data_iter)
+        return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+    def restore(self, params_target, state_target, data_iter=None, step: int | None = None):
+        import grain  # noqa: PLC0415
+
+        step = self.latest_step() if step is None else step
+        items = {'params': ocp.args.StandardRestore(params_target), 'state': ocp.args.StandardRestore(state_target)}
+        if data_iter is not None:
+            items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            out = self.mngr.restore(step, args=ocp.args.Composite(**items))
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise ValueError(f'{self.workdir}: cannot restore step {step} '
+                             f'({str(e).splitlines()[0][:300]}); was it written by another config?') from None
+        return out['params'], out['state']
 
     def restore_params(self, target: dict[str, Any], step: int | None = None):
-        raise ValueError(f'{self.workdir}: training checkpoints are not readable yet')
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise ValueError(f'{self.workdir}: no checkpoint saved yet')
+        meta = self.mngr.item_metadata(step)['params']
+        names = set(meta.keys()) if meta is not None else set()
+        want = {k: v for k, v in target.items() if k in names}
+        for k in list(want):  # prefer EMA weights when the run kept them
+            if f'{k}_ema' in names:
+                want[f'{k}_ema'] = want.pop(k)
+        try:
+            out = self.mngr.restore(step, args=ocp.args.Composite(
+                params=ocp.args.PyTreeRestore(item=want, restore_args=ocp.checkpoint_utils.construct_restore_args(want),
+                                              partial_restore=True)))['params']
+        except (ValueError, KeyError, FileNotFoundError) as e:
+            raise ValueError(f'{self.workdir}: cannot restore parameters of step {step} '
+                             f'({str(e).splitlines()[0][:300]})') from None
+        return {k.removesuffix('_ema'): v for k, v in out.items()}
+
+    def wait(self):
+        self.mngr.wait_until_finished()
+
+    def close(self):
+        self.mngr.wait_until_finished()
+        self.mngr.close()

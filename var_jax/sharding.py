@@ -64,22 +64,72 @@ def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
         _RULES.reset(token)
 
 
-def logical_to_spec(axes: Sequence[str | None] | None, rules: dict | None = None, mesh: Mesh | None = None) -> P:
-    """Logical axis names -> PartitionSpec. A mesh axis is used at most once per array and only
-    where it has size > 1 (so the same rules serve every mesh shape)."""
+def logical_to_spec(axes: Sequence[str | None] | None, rules: dict | None = None, mesh=None,
+                    shape: Sequence[int] | None = None) -> P:
+    """Logical axis names -> PartitionSpec.
+
+    A mesh axis is used at most once per array, only where it has size > 1, and (given `shape`)
+    only where it divides that dimension; otherwise the dimension stays replicated. So one set of
+    rules serves every mesh shape and every model size.
+    """
     rules = _RULES.get() if rules is None else rules
     if axes is None or rules is None:
         return P()
     sizes = dict(mesh.shape) if mesh is not None else None
     used: set[str] = set()
     out = []
-    for name in axes:
+    for i, name in enumerate(axes):
         target = rules.get(name) if name is not None else None
         targets = (target,) if isinstance(target, str) else tuple(target or ())
-        keep = tuple(t for t in targets if t not in used and (sizes is None or sizes.get(t, 1) > 1))
+        keep: list[str] = []
+        for t in targets:
+            n = 1 if sizes is None else sizes.get(t, 1)
+            if t in used or n == 1:
+                continue
+            if shape is not None and shape[i] % (math.prod(sizes[k] for k in keep) * n):
+                continue
+            keep.append(t)
         used.update(keep)
-        out.append(None if not keep else keep[0] if len(keep) == 1 else keep)
+        out.append(None if not keep else keep[0] if len(keep) == 1 else tuple(keep))
     return P(*out)
+
+
+def _is_variable(x) -> bool:
+    from flax import nnx  # noqa: PLC0415
+
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(abstract_state, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
+    """NamedShardings for an (abstract) nnx.State from each Variable's `axes` metadata.
+
+    Variables stay as tree nodes (with the sharding as their value), so the result has exactly the
+    tree structure of the state, as `jax.jit(out_shardings=...)` and Orbax need.
+    """
+    rules = dict(rules)
+
+    def one(v):
+        if _is_variable(v):
+            spec = logical_to_spec(v.get_metadata().get('axes'), rules, mesh, v.shape)
+            return v.replace(NamedSharding(mesh, spec))
+        return NamedSharding(mesh, P())
+
+    return jax.tree.map(one, abstract_state, is_leaf=_is_variable)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) axis split over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1), dict(rules), mesh))
+
+
+def data_parallel_size(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> int:
+    spec = logical_to_spec(('batch',), dict(rules), mesh)[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:

@@ -1,9 +1,9 @@
 """Read flat PyTorch-style state dicts into numpy, without needing torch.
 
-Supported: `.pth`/`.pt`/`.bin` written by `torch.save(state_dict)` (the zip format of torch >= 1.6,
-read with a restricted unpickler that only builds tensors and dicts, so a checkpoint cannot run
-code), `.npz`, and `.safetensors`. Legacy (non-zip) torch files fall back to torch itself when it
-is installed. Every failure is a `ValueError` naming the file and the problem.
+Supported: `.pth`/`.pt`/`.bin` written by `torch.save(state_dict)`, in the zip format of torch >= 1.6 or the
+legacy format (`state_dict_legacy`), read with restricted unpicklers that only build tensors and
+dicts, so a checkpoint cannot run code; `.npz`; and `.safetensors`. Every failure is a
+`ValueError` naming the file and the problem.
 """
 from __future__ import annotations
 
@@ -18,7 +18,9 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-_STORAGE_DTYPES = {
+from var_jax import state_dict_legacy
+
+STORAGE_DTYPES = {
     'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
     'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
     'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
@@ -31,7 +33,7 @@ _SAFETENSORS_DTYPES = {
 
 class _StorageType:
     def __init__(self, name: str):
-        self.dtype = np.dtype(_STORAGE_DTYPES[name])
+        self.dtype = np.dtype(STORAGE_DTYPES[name])
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_args):
@@ -59,7 +61,7 @@ class _StateDictUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if (module, name) == ('torch._utils', '_rebuild_parameter'):
             return _rebuild_parameter
-        if module == 'torch' and name in _STORAGE_DTYPES:
+        if module == 'torch' and name in STORAGE_DTYPES:
             return _StorageType(name)
         raise ValueError(f'{self._path}: holds a {module}.{name} object; expected a plain state dict of '
                          'tensors (as torch.save(model.state_dict()) writes)')
@@ -81,16 +83,6 @@ def _read_torch_zip(path: str) -> dict[str, np.ndarray]:
         with zf.open(pkl[0]) as fh:
             obj = _StateDictUnpickler(fh, zf, prefix, path).load()
     return obj
-
-
-def _read_torch_legacy(path: str):
-    try:
-        import torch  # noqa: PLC0415  (only for the pre-1.6 pickle format)
-    except ImportError:
-        raise ValueError(f'{path}: legacy (non-zip) torch format; install torch to read it, or re-save it '
-                         'with a recent torch') from None
-    obj = torch.load(path, map_location='cpu', weights_only=True)
-    return {k: v.float().numpy() if v.dtype == torch.bfloat16 else v.numpy() for k, v in obj.items()}
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -149,8 +141,8 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             obj = _read_safetensors(path)
         elif zipfile.is_zipfile(path):
             obj = _read_torch_zip(path)
-        elif ext in ('.pth', '.pt', '.bin', '.ckpt'):
-            obj = _read_torch_legacy(path)
+        elif state_dict_legacy.is_legacy_torch_file(path):
+            obj = state_dict_legacy.load_legacy_state_dict(path)
         else:
             raise ValueError(f'{path}: unknown state dict format (expected .pth, .npz or .safetensors)')
     except ValueError:

@@ -162,11 +162,15 @@ class Decoder(nnx.Module):
         self.norm_out = GroupNorm(cin, cfg, rngs=rngs)
         self.conv_out = _conv(cin, 3, 3, cfg, rngs)
 
-    def __call__(self, z):
+    def features(self, z):
+        """Everything before `conv_out` (the VQGAN adaptive loss weight differentiates that layer)."""
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
-        return self.conv_out(nnx.silu(self.norm_out(h)))
+        return nnx.silu(self.norm_out(h))
+
+    def __call__(self, z):
+        return self.conv_out(self.features(z))
 
 
 def _is_concrete(x) -> bool:

@@ -1,0 +1,6 @@
+"""VAR-d24 (1.0B) at 256px, the official recipe: bs 768, 350 ep, tblr 8e-5 (peak lr 2.4e-4), alng 1e-4, wpe 0.01."""
+from var_jax import config_lib
+
+
+def get_config(arg=None):
+    return config_lib.var_recipe(depth=24, batch_size=768, epochs=350, tblr=8e-5, alng=1e-4, wpe=0.01, arg=arg)

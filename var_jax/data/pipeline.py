@@ -1,0 +1,209 @@
+"""grain input pipelines shared by both trainers: sources, official augmentation, host sharding.
+
+    source (built-in shapes10 | image folder | TFDS array_record)
+      -> [train] seed + global shuffle + repeat      (same permutation on every process)
+      -> this process's slice  ds[process_index::process_count]
+      -> decode (corrupt or unreadable images are replaced by the next readable one and counted)
+      -> official augmentation: shorter side to round(1.125 * res) (Lanczos), random crop, [flip]
+      -> batch(per-process batch) -> iterator (optionally multiprocess), checkpointable via grain
+
+Batches are numpy dicts: `image` uint8 (B, res, res, 3), `label` int32 (B,), `skipped` int32 (B,).
+Scaling to [-1, 1] happens on the device (uint8 moves 4x less data host -> device).
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import grain
+import numpy as np
+from PIL import Image
+
+from var_jax.data import builtin
+
+IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
+MAX_SKIP = 16  # how far a corrupt image looks for a readable replacement
+
+
+# ---------------------------------------------------------------------------- sources
+class BuiltinSource:
+    """shapes10 in memory: (uint8 image, label)."""
+
+    def __init__(self, split: str, image_size: int):
+        self.images, self.labels = builtin.load(split, image_size)
+        self.num_classes, self.class_names = builtin.NUM_CLASSES, builtin.CLASS_NAMES
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {'image': self.images[i], 'label': self.labels[i]}
+
+
+class FolderSource:
+    """One subfolder per class (the official / torchvision ImageFolder layout); files read lazily."""
+
+    def __init__(self, root: str):
+        if not os.path.isdir(root):
+            raise ValueError(f'image folder {root!r} does not exist')
+        self.class_names = tuple(sorted(e.name for e in os.scandir(root) if e.is_dir()))
+        if not self.class_names:
+            raise ValueError(f'image folder {root!r} has no class subfolders (expected root/<class>/<image>)')
+        self.files: list[str] = []
+        labels = []
+        for ci, name in enumerate(self.class_names):
+            for dirpath, _, files in os.walk(os.path.join(root, name)):
+                for f in sorted(files):
+                    if f.lower().endswith(IMAGE_EXTS):
+                        self.files.append(os.path.join(dirpath, f))
+                        labels.append(ci)
+        if not self.files:
+            raise ValueError(f'image folder {root!r} contains no images ({", ".join(IMAGE_EXTS)})')
+        self.labels = np.asarray(labels, np.int32)
+        self.num_classes = len(self.class_names)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with open(self.files[i], 'rb') as fh:
+            return {'image': fh.read(), 'label': self.labels[i]}
+
+
+class TFDSSource:
+    """A prepared TFDS dataset read with `tfds.data_source` (array_record; no TensorFlow needed).
+
+    Images come back as encoded bytes (SkipDecoding) and are decoded with PIL like every other
+    source, so a corrupt record is skipped the same way. Never downloads.
+    """
+
+    def __init__(self, name: str, split: str, data_dir: str | None):
+        import tensorflow_datasets as tfds  # noqa: PLC0415  (heavy import, only for this source)
+
+        try:
+            self.ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
+                                       decoders={'image': tfds.decode.SkipDecoding()})
+            info = tfds.builder(name, data_dir=data_dir or None).info
+        except Exception as e:  # tfds raises many types for "not prepared"
+            raise ValueError(f'TFDS dataset {name!r} split {split!r} is not available under '
+                             f'{data_dir or "~/tensorflow_datasets"} ({type(e).__name__}); prepare it first '
+                             '(see README, "ImageNet")') from None
+        label = info.features['label']
+        self.num_classes = label.num_classes
+        self.class_names = tuple(label.names)
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        r = self.ds[i]
+        return {'image': r['image'], 'label': np.int32(r['label'])}
+
+
+def make_source(data_cfg, split: str):
+    kind = data_cfg.source
+    if kind == 'builtin':
+        return BuiltinSource('train' if split == 'train' else 'test', data_cfg.image_size)
+    if kind == 'imagefolder':
+        root = data_cfg.path if split == 'train' else (data_cfg.get('eval_path') or data_cfg.path)
+        return FolderSource(root)
+    if kind == 'tfds':
+        return TFDSSource(data_cfg.name, data_cfg.train_split if split == 'train' else data_cfg.eval_split,
+                          data_cfg.get('data_dir'))
+    raise ValueError(f"data.source must be 'builtin', 'imagefolder' or 'tfds', got {kind!r}")
+
+
+# ---------------------------------------------------------------------------- transforms
+def decode(image: Any) -> Image.Image:
+    """bytes / uint8 array -> RGB PIL image (raises on corrupt data)."""
+    if isinstance(image, np.ndarray):
+        return Image.fromarray(image)
+    im = Image.open(io.BytesIO(image))
+    im.load()
+    return im.convert('RGB')
+
+
+def resize_shorter(im: Image.Image, size: int) -> Image.Image:
+    w, h = im.size
+    s = size / min(w, h)
+    return im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.LANCZOS)
+
+
+class SafeSource:
+    """Wraps a source: element i is the first *readable* image at i, i+1, ... (counted as skipped)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        for k in range(MAX_SKIP):
+            rec = self.source[(i + k) % len(self.source)]
+            try:
+                return {'image': decode(rec['image']), 'label': np.int32(rec['label']), 'skipped': np.int32(k)}
+            except Exception:  # noqa: BLE001  (any decoder failure means "unreadable")
+                continue
+        raise ValueError(f'{MAX_SKIP} consecutive unreadable images from index {i}; is the dataset corrupt?')
+
+
+class Augment(grain.transforms.RandomMap):
+    """Official train transform: Lanczos resize of the shorter side to round(1.125 * res), random
+    crop, optional horizontal flip. With `crop_ratio` 1 (the built-in data) it only crops/flips."""
+
+    def __init__(self, res: int, hflip: bool, crop_ratio: float = 1.125):
+        self.res, self.hflip, self.mid = res, hflip, round(crop_ratio * res)
+
+    def random_map(self, el, rng: np.random.Generator):
+        im = el['image']
+        if min(im.size) != self.mid:
+            im = resize_shorter(im, self.mid)
+        w, h = im.size
+        x, y = rng.integers(0, w - self.res + 1), rng.integers(0, h - self.res + 1)
+        arr = np.asarray(im.crop((x, y, x + self.res, y + self.res)), np.uint8)
+        if self.hflip and rng.random() < 0.5:
+            arr = arr[:, ::-1]
+        return {'image': np.ascontiguousarray(arr), 'label': el['label'], 'skipped': el['skipped']}
+
+
+class CenterCrop(grain.transforms.Map):
+    """Official eval transform: same resize, centre crop."""
+
+    def __init__(self, res: int, crop_ratio: float = 1.125):
+        self.res, self.mid = res, round(crop_ratio * res)
+
+    def map(self, el):
+        im = el['image']
+        if min(im.size) != self.mid:
+            im = resize_shorter(im, self.mid)
+        w, h = im.size
+        x, y = (w - self.res) // 2, (h - self.res) // 2
+        arr = np.asarray(im.crop((x, y, x + self.res, y + self.res)), np.uint8)
+        return {'image': arr, 'label': el['label'], 'skipped': el['skipped']}
+
+
+# ---------------------------------------------------------------------------- pipelines
+def make_dataset(data_cfg, *, split: str, local_batch: int, seed: int, process_index: int = 0,
+                 process_count: int = 1, train: bool = True):
+    """-> (grain IterDataset of batches, source). `train`: infinite, shuffled, augmented."""
+    source = make_source(data_cfg, split)
+    ratio = 1.0 if data_cfg.source == 'builtin' else 1.125
+    ds = grain.MapDataset.source(SafeSource(source))
+    if train:
+        ds = ds.seed(seed).shuffle().repeat()
+    ds = ds[process_index::process_count]
+    if train:
+        ds = ds.random_map(Augment(data_cfg.image_size, bool(data_cfg.get('hflip', False)), ratio))
+    else:
+        ds = ds.map(CenterCrop(data_cfg.image_size, ratio))
+    ds = ds.batch(local_batch, drop_remainder=train)
+    it = ds.to_iter_dataset()
+    workers = int(data_cfg.get('workers', 0))
+    if workers > 0:
+        from absl import flags  # noqa: PLC0415
+        if not flags.FLAGS.is_parsed():  # grain workers read absl flags (library use, tests)
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
+    return it, source

@@ -1,0 +1,244 @@
+"""Train VAR: `python -m var_jax.train --config=configs/d20.py --workdir=DIR [--dry_run]`.
+
+The step (official `VARTrainer.train_step`): the frozen tokenizer turns images into per-scale
+tokens (float32) -> teacher-forcing input -> VAR forward (label dropout, drop-path) in the compute
+dtype -> mean cross-entropy over all L tokens -> AdamW. Logged as the official trainer does:
+Lm, Lt (last scale), Accm, Acct, grad norm (pre-clip), lr, per-scale accuracy and loss,
+vocabulary usage, images/s, tokens/s and TFLOP/s.
+"""
+from __future__ import annotations
+
+import math
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+from flax import nnx
+
+from var_jax import checkpoint, config_lib, metrics, optim, sampling, sharding, trainer, viz
+from var_jax.models import VAR, VARConfig, VQVAEConfig, abstract, vqvae_config
+from var_jax.models.var import scale_bounds
+
+TOKENIZER_DIR = 'tokenizer'
+
+
+class VARTask(trainer.Task):
+    name = 'var'
+    export = ('var',)
+
+    def __init__(self, config, workdir, *, dry_run: bool = False):
+        super().__init__(config, workdir)
+        self.dry_run = dry_run
+        self.vq_cfg, self.vq_params, self.tokenizer_ref = self._tokenizer()
+        self.vq_graphdef = nnx.split(abstract(self.vq_cfg))[0]
+        self.source = None
+
+    # ------------------------------------------------------------------ models
+    def _tokenizer(self):
+        """-> (config, float32 params or None for a dry run, path recorded in model.json)."""
+        tcfg = self.config.tokenizer
+        path = tcfg.checkpoint
+        if not path:
+            local = self.workdir / TOKENIZER_DIR
+            if (local / checkpoint.MODEL_FILE).exists():
+                path = str(local)
+            elif self.dry_run:  # compile against the official-size tokenizer; no weights needed
+                return vqvae_config(patch_nums=config_lib.patch_nums_of(self.config.model)), None, None
+            else:
+                raise ValueError('config.tokenizer.checkpoint is empty: give a converted official VQVAE or a '
+                                 'tokenizer workdir, or set config.tokenizer.train to train one first')
+        vq, _ = checkpoint.load_model(path)
+        inside = epath.Path(path).resolve() == (self.workdir / TOKENIZER_DIR).resolve()
+        if not inside and not self.dry_run and jax.process_index() == 0 \
+                and not (self.workdir / TOKENIZER_DIR / checkpoint.MODEL_FILE).exists():
+            checkpoint.save_model(self.workdir / TOKENIZER_DIR, vqvae=vq, source={'tokenizer': str(path)})
+        return vq.config, nnx.state(vq, nnx.Param), TOKENIZER_DIR
+
+    @property
+    def var_cfg(self) -> VARConfig:
+        m, vq = self.config.model, self.vq_cfg
+        if m.patch_nums and tuple(m.patch_nums) != tuple(vq.patch_nums):
+            raise ValueError(f'config.model.patch_nums {tuple(m.patch_nums)} differ from the tokenizer\'s '
+                             f'{vq.patch_nums}')
+        if self.config.data.image_size != vq.image_size:
+            raise ValueError(f'config.data.image_size is {self.config.data.image_size} but the tokenizer '
+                             f'works on {vq.image_size}px images')
+        n = m.num_classes or (self.source.num_classes if self.source is not None else 1000)
+        return VARConfig(depth=m.depth, width=m.width, num_heads=m.num_heads, num_classes=n,
+                         vocab_size=vq.vocab_size, cvae=vq.z_channels, patch_nums=vq.patch_nums,
+                         shared_aln=m.shared_aln, cond_drop_rate=m.cond_drop_rate, drop_path_rate=m.drop_path_rate,
+                         init_adaln=m.aln, init_adaln_gamma=m.alng, dtype=m.dtype, attention=m.attention,
+                         remat=m.remat)
+
+    def model_configs(self):
+        return {'vqvae': self.vq_cfg, 'var': self.var_cfg, 'tokenizer': self.tokenizer_ref,
+                'class_names': list(getattr(self.source, 'class_names', ()) or ())}
+
+    def optimizer(self, total_steps, steps_per_epoch):
+        o = self.config.optim
+        peak = o.lr or o.tblr * self.config.batch_size / 256
+        self.peak_lr = peak
+        abs_params = {'var': nnx.state(abstract(self.var_cfg), nnx.Param)}
+        return optim.make_optimizer(peak_lr=peak, max_it=total_steps, wp_it=o.wp_epochs * steps_per_epoch,
+                                    wd=o.wd, wd_end=o.wd_end, b1=o.b1, b2=o.b2, clip=o.clip, wp0=o.wp0, wpe=o.wpe,
+                                    sched=o.sched, mask=optim.decay_mask(abs_params))
+
+    def init_params(self, key):
+        return {'var': nnx.state(VAR(self.var_cfg, rngs=nnx.Rngs(key)), nnx.Param)}, {}
+
+    def frozen(self, mesh):
+        rep = sharding.replicated(mesh)
+        if self.vq_params is None:
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
+                                nnx.state(abstract(self.vq_cfg), nnx.Param))
+        return jax.device_put(self.vq_params, rep)
+
+    # ------------------------------------------------------------------ update
+    def train_step(self, state, batch, frozen, tx):
+        cfg = self.var_cfg
+        graphdef = nnx.split(abstract(cfg))[0]
+        vq = nnx.merge(self.vq_graphdef, frozen)
+        ls = self.config.optim.label_smooth
+        bounds = scale_bounds(cfg.patch_nums)
+
+        def grad_fn(mb, key):
+            images = trainer.images_to_float(mb['image'])
+            idx_list, _ = vq.quantize.tokenize(vq.encode(images))  # float32, no gradient
+            x_in = jax.lax.stop_gradient(vq.quantize.idx_to_var_input(idx_list))
+            target = jnp.concatenate(idx_list, axis=1)
+
+            def loss_fn(params):
+                logits = nnx.merge(graphdef, params)(mb['label'], x_in, train=True, rng=key)
+                ce = optax.softmax_cross_entropy_with_integer_labels(logits, target)  # (B, L), float32
+                if ls > 0:
+                    smooth = -jnp.mean(jax.nn.log_softmax(logits, -1), -1)
+                    loss = jnp.mean((1 - ls) * ce + ls * smooth)
+                else:
+                    loss = jnp.mean(ce)
+                return loss, (logits, ce)
+
+            (loss, (logits, ce)), g = jax.value_and_grad(loss_fn, has_aux=True)(state.params['var'])
+            hit = (jnp.argmax(logits, -1) == target).astype(jnp.float32)
+            per_scale_acc = jnp.stack([jnp.mean(hit[:, b:e]) for b, e in bounds]) * 100
+            per_scale_ce = jnp.stack([jnp.mean(ce[:, b:e]) for b, e in bounds])
+            pred_hist = jnp.zeros((cfg.vocab_size,), jnp.float32).at[jnp.argmax(logits, -1).reshape(-1)].add(1.0)
+            m = {'loss': loss, 'Lm': jnp.mean(ce), 'Lt': per_scale_ce[-1], 'Accm': jnp.mean(hit) * 100,
+                 'Acct': per_scale_acc[-1], 'acc_scale': per_scale_acc, 'L_scale': per_scale_ce,
+                 'vocab_usage': jnp.mean(pred_hist / jnp.sum(pred_hist) > 0.001 / cfg.vocab_size) * 100}
+            return {'var': g}, m
+
+        grads, m = trainer.accumulate_grads(grad_fn, batch, int(self.config.grad_accum), state.key())
+        params, opt_state, gnorm = trainer.apply_updates(state, grads, tx)
+        hp = optim.current_hparams(opt_state)
+        m.update(grad_norm=gnorm, lr=hp.get('lr', 0.0), wd=hp.get('wd', 0.0), skipped=jnp.sum(batch['skipped']))
+        return state.replace(params=params, opt_state=opt_state), m
+
+    def flops_per_image(self):
+        return metrics.var_flops_per_image(self.var_cfg)
+
+    def throughput(self, images_per_sec):
+        return {'tokens_per_sec': images_per_sec * self.var_cfg.L}
+
+    def progress_fields(self, m):
+        return {k: m[k] for k in ('Lm', 'Lt', 'Accm', 'Acct', 'grad_norm', 'lr') if k in m}
+
+    # ------------------------------------------------------------------ evaluation: a sample grid
+    def evaluate(self, state, frozen, step, writer, final):
+        s = self.config.sample
+        cfg = self.var_cfg
+        classes = [c for c in s.classes if c < cfg.num_classes] or list(range(min(cfg.num_classes, 8)))
+        var = nnx.merge(nnx.split(abstract(cfg))[0], state.params['var'])
+        vq = nnx.merge(self.vq_graphdef, frozen)
+        labels = np.repeat(np.asarray(classes, np.int32), s.per_class)
+        keys = sample_keys(s.seed, labels, np.tile(np.arange(s.per_class), len(classes)))
+        images, _ = sampling.sample(var, vq, labels, keys, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
+                                    more_smooth=s.more_smooth)
+        images = gather(images)
+        names = self.model_configs()['class_names']
+        rows = [f'{c} {names[c]}' if c < len(names) else str(c) for c in classes]
+        g = viz.grid(images, len(classes), s.per_class, row_labels=rows)
+        if jax.process_index() == 0:
+            viz.save_png(self.workdir / 'samples' / f'step_{step:07d}.png', g)
+            writer.image(step, 'samples', g)
+        return {}
+
+
+def sample_keys(seed: int, labels, index) -> jax.Array:
+    """Per-image keys from (seed, class, index within class): images do not depend on the batch."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda c, i: jax.random.fold_in(jax.random.fold_in(base, c), i))(
+        jnp.asarray(labels, jnp.uint32), jnp.asarray(index, jnp.uint32))
+
+
+def gather(x) -> np.ndarray:
+    """A (possibly multi-process) jax array as a host numpy array on every process."""
+    if getattr(x, 'is_fully_addressable', True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ---------------------------------------------------------------------------- entry point
+def run(config, workdir, *, dry_run: bool = False) -> dict:
+    """Train the tokenizer first when the config asks for it, then VAR; returns final metrics."""
+    config_lib.check(config, 'var')
+    workdir = epath.Path(workdir)
+    if not config.tokenizer.checkpoint and config.tokenizer.get('train') and not dry_run:
+        from var_jax import train_tokenizer  # noqa: PLC0415
+
+        train_tokenizer.run(config.tokenizer.train, workdir / TOKENIZER_DIR)
+    task = VARTask(config, workdir, dry_run=dry_run)
+    if dry_run:
+        return trainer.run(task, config, workdir, dry_run=True)
+    out = trainer.run(task, config, workdir)
+    if config.get('evaluate'):
+        from var_jax import evaluate  # noqa: PLC0415
+
+        out.update(evaluate.evaluate_workdir(workdir))
+    if jax.process_index() == 0:
+        print(summary(workdir, out), flush=True)
+    return out
+
+
+def summary(workdir, out: dict) -> str:
+    w = epath.Path(workdir)
+    samples = sorted((w / 'samples').glob('*.png')) if (w / 'samples').exists() else []
+    lines = [f'done: {w}', f'  checkpoints      {w / checkpoint.CHECKPOINTS}',
+             f'  metrics          {w / "metrics.jsonl"} and {w / "tensorboard"}']
+    if (w / TOKENIZER_DIR).exists():
+        lines.append(f'  tokenizer        {w / TOKENIZER_DIR}')
+    if samples:
+        lines.append(f'  sample grid      {samples[-1]}')
+    for k in ('Lm', 'Accm', 'Acct'):
+        if k in out:
+            lines.append(f'  final {k:<10} {out[k]:.4g}')
+    for k, v in out.items():
+        if k.startswith('eval/'):
+            lines.append(f'  {k:<16} {v:.4g}')
+    return '\n'.join(lines)
+
+
+def main(argv):
+    from absl import flags  # noqa: PLC0415
+
+    del argv
+    f = flags.FLAGS
+    try:
+        run(f.config, f.workdir, dry_run=f.dry_run)
+    except (ValueError, FloatingPointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'training config file', lock_config=True)
+    flags.DEFINE_string('workdir', None, 'output directory (local or gs://); re-running resumes', required=True)
+    flags.DEFINE_bool('dry_run', False, 'compile the sharded step from abstract shapes, print memory, exit')
+    app.run(main)

@@ -1,0 +1,272 @@
+"""Train the multi-scale VQVAE tokenizer:
+`python -m var_jax.train_tokenizer --config=configs/tokenizer.py --workdir=DIR`.
+
+Loss (VQGAN recipe on VAR's quantizer):
+    l1 |x - x'| + l2 (x - x')^2 + lpips LPIPS(x, x')           reconstruction
+  + vq * mean_k [ beta ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2 ]   (official training forward)
+  + [step >= gan_start] * w_adapt * gan * -D(x')               hinge generator loss
+with w_adapt = ||dL_rec/dW|| / (||dL_G/dW|| + 1e-4) at the decoder's last conv (VQGAN), and the
+PatchGAN trained with the hinge loss on (x, sg(x')).
+
+Codebook health: the official EMA of per-scale code hits is kept and logged as usage %; every
+`reseed_every` steps, codes whose hit rate fell below `dead_threshold` x the uniform rate are
+re-seeded from this batch's encoder residuals (random pooled vectors of random scales), so no
+scale collapses onto a few codes.
+"""
+from __future__ import annotations
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from var_jax import config_lib, sharding, trainer, viz
+from var_jax.data.pipeline import make_dataset
+from var_jax.models import VQVAE, VQVAEConfig, abstract
+from var_jax.models.perceptual import PatchDiscriminator, load_lpips_params, lpips
+
+
+def vqvae_config_from(model_cfg) -> VQVAEConfig:
+    m = model_cfg
+    return VQVAEConfig(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.ch, ch_mult=tuple(m.ch_mult),
+                       num_res_blocks=m.num_res_blocks, using_sa=m.using_sa, using_mid_sa=m.using_mid_sa,
+                       num_groups=m.num_groups, beta=m.beta, using_znorm=m.using_znorm, quant_conv_ks=m.quant_conv_ks,
+                       quant_resi=m.quant_resi, share_quant_resi=m.share_quant_resi,
+                       patch_nums=config_lib.patch_nums_of(m), dtype=m.dtype)
+
+
+def _conv(h, kernel, bias):
+    k = kernel.shape[0] // 2
+    out = jax.lax.conv_general_dilated(h, kernel.astype(h.dtype), (1, 1), ((k, k), (k, k)),
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return (out + bias.astype(out.dtype)).astype(jnp.float32)
+
+
+def psnr(x, y) -> jax.Array:
+    """Per-image PSNR in dB for images in [-1, 1] (computed on [0, 1])."""
+    mse = jnp.mean(((x - y) / 2) ** 2, axis=(1, 2, 3))
+    return 10 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
+
+
+class TokenizerTask(trainer.Task):
+    name = 'tokenizer'
+    export = ('vqvae',)
+
+    def __init__(self, config, workdir):
+        super().__init__(config, workdir)
+        self.vq_cfg = vqvae_config_from(config.model)
+        if config.data.image_size != self.vq_cfg.image_size:
+            raise ValueError(f'config.data.image_size {config.data.image_size} does not match the tokenizer '
+                             f'({self.vq_cfg.image_size}px = patch_nums[-1] {self.vq_cfg.patch_nums[-1]} x '
+                             f'downsampling {self.vq_cfg.downsample})')
+        loss = config.loss
+        self.use_gan, self.use_lpips = loss.gan > 0, loss.lpips > 0
+        self.lpips_params = load_lpips_params(loss.lpips_weights) if self.use_lpips else None
+        self.vq_graphdef = nnx.split(abstract(self.vq_cfg))[0]
+        self.disc_graphdef = nnx.split(nnx.eval_shape(
+            lambda: PatchDiscriminator(loss.disc_ch, loss.disc_layers, rngs=nnx.Rngs(0))))[0]
+        self.eval_data = None
+
+    def model_configs(self):
+        return {'vqvae': self.vq_cfg, 'var': None}
+
+    def optimizer(self, total_steps, steps_per_epoch):
+        o = self.config.optim
+        warm = max(1, min(o.warmup_steps, total_steps // 2))
+        if o.sched == 'cos':
+            lr = optax.warmup_cosine_decay_schedule(0.0, o.lr, warm, max(total_steps, warm + 1), o.lr * 0.01)
+        else:
+            lr = optax.join_schedules([optax.linear_schedule(0.0, o.lr, warm), optax.constant_schedule(o.lr)], [warm])
+        g = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, b1=o.b1, b2=o.b2, weight_decay=o.wd)
+        if o.clip > 0:
+            g = optax.chain(optax.clip_by_global_norm(o.clip), g)
+        if not self.use_gan:
+            return g
+        d = optax.adam(o.disc_lr, b1=o.b1, b2=o.b2)
+        return optax.multi_transform({'g': g, 'd': d}, {'vqvae': 'g', 'disc': 'd'})
+
+    def init_params(self, key):
+        k_vq, k_d = jax.random.split(key)
+        params = {'vqvae': nnx.state(VQVAE(self.vq_cfg, rngs=nnx.Rngs(k_vq)), nnx.Param)}
+        if self.use_gan:
+            loss = self.config.loss
+            params['disc'] = nnx.state(PatchDiscriminator(loss.disc_ch, loss.disc_layers, rngs=nnx.Rngs(k_d)),
+                                       nnx.Param)
+        sn, v = self.vq_cfg.num_scales, self.vq_cfg.vocab_size
+        return params, {'usage': jnp.zeros((sn, v), jnp.float32)}
+
+    def ema_decay(self):
+        return float(self.config.loss.ema)
+
+    def frozen(self, mesh):
+        if self.lpips_params is None:
+            return None
+        return jax.device_put(self.lpips_params, sharding.replicated(mesh))
+
+    # ------------------------------------------------------------------ update
+    def train_step(self, state, batch, frozen, tx):
+        cfg, loss_cfg, cb = self.vq_cfg, self.config.loss, self.config.codebook
+        x = trainer.images_to_float(batch['image'])
+        gan_on = (state.step >= loss_cfg.gan_start).astype(jnp.float32) if self.use_gan else 0.0
+        key = state.key()
+
+        def rec_loss(rec):
+            out = loss_cfg.l1 * jnp.mean(jnp.abs(x - rec)) + loss_cfg.l2 * jnp.mean((x - rec) ** 2)
+            if self.use_lpips:
+                out = out + loss_cfg.lpips * jnp.mean(lpips(frozen, x, rec))
+            return out
+
+        def gen_loss(vq_params, disc_params):
+            vq = nnx.merge(self.vq_graphdef, vq_params)
+            f_st, vq_loss, aux = vq.quantize(vq.encode(x))
+            h = vq.decoder.features(vq.post_quant_conv(f_st.astype(jnp.float32)))
+            w, b = vq.decoder.conv_out.kernel[...], vq.decoder.conv_out.bias[...]
+            rec = _conv(h, w, b)
+            l_rec = rec_loss(rec)
+            total = l_rec + loss_cfg.vq * vq_loss
+            m = {'L_rec': l_rec, 'L_vq': vq_loss}
+            if self.use_gan:
+                disc = nnx.merge(self.disc_graphdef, jax.lax.stop_gradient(disc_params))
+                l_g = -jnp.mean(disc(rec))
+                weight = loss_cfg.gan
+                if loss_cfg.adaptive_weight:  # VQGAN: balance the two gradients at the last layer
+                    hs = jax.lax.stop_gradient(h)
+                    g_rec = jax.grad(lambda k: rec_loss(_conv(hs, k, b)))(w)
+                    g_gan = jax.grad(lambda k: -jnp.mean(disc(_conv(hs, k, b))))(w)
+                    adapt = jnp.clip(jnp.linalg.norm(g_rec) / (jnp.linalg.norm(g_gan) + 1e-4), 0, 1e4)
+                    weight = weight * jax.lax.stop_gradient(adapt)
+                    m['gan_weight'] = weight
+                total = total + gan_on * weight * l_g
+                m['L_G'] = l_g
+            return total, (rec, aux, m)
+
+        grad_vq = jax.value_and_grad(gen_loss, has_aux=True)
+        (loss, (rec, aux, m)), g_vq = grad_vq(state.params['vqvae'], state.params.get('disc'))
+        grads = {'vqvae': g_vq}
+        if self.use_gan:
+            rec_sg = jax.lax.stop_gradient(rec)
+
+            def disc_loss(disc_params):
+                disc = nnx.merge(self.disc_graphdef, disc_params)
+                real, fake = disc(x), disc(rec_sg)
+                return 0.5 * (jnp.mean(jax.nn.relu(1 - real)) + jnp.mean(jax.nn.relu(1 + fake))), (real, fake)
+
+            (l_d, (real, fake)), g_d = jax.value_and_grad(disc_loss, has_aux=True)(state.params['disc'])
+            grads['disc'] = jax.tree.map(lambda g: g * gan_on, g_d)
+            m.update(L_D=l_d, D_real=jnp.mean(real), D_fake=jnp.mean(fake))
+        params, opt_state, gnorm = trainer.apply_updates(state, grads, tx)
+        usage, params, n_reseed = self._codebook_health(state, params, aux, key)
+        m.update(loss=loss, grad_norm=gnorm, psnr=jnp.mean(psnr(x, jnp.clip(rec, -1, 1))),
+                 usage=self._usage_pct(usage, x.shape[0]), reseeded=n_reseed, skipped=jnp.sum(batch['skipped']),
+                 perplexity=self._perplexity(aux['hits']))
+        return state.replace(params=params, opt_state=opt_state, extra={'usage': usage}), m
+
+    def _usage_pct(self, usage, batch):
+        """Official measure: % of codes whose EMA hit count is >= 8 % of the uniform share of the
+        full-resolution latent positions, per scale."""
+        s = self.vq_cfg.latent_size
+        margin = batch * s * s / self.vq_cfg.vocab_size * 0.08
+        return jnp.mean(usage >= margin, axis=1) * 100
+
+    @staticmethod
+    def _perplexity(hits):
+        p = hits / jnp.maximum(jnp.sum(hits, axis=1, keepdims=True), 1)
+        return jnp.exp(-jnp.sum(jnp.where(p > 0, p * jnp.log(p), 0.0), axis=1))
+
+    def _codebook_health(self, state, params, aux, key):
+        """Official EMA of code hits (first record copied, 0.9/0.1 for < 100 records, then
+        0.99/0.01; a record per scale) and dead-code re-seeding."""
+        cb, sn = self.config.codebook, self.vq_cfg.num_scales
+        usage = state.extra['usage']
+        rows = []
+        for si in range(sn):
+            r = state.step * sn + si
+            hit = aux['hits'][si]
+            rows.append(jnp.where(r == 0, hit, jnp.where(r < 100, 0.9 * usage[si] + 0.1 * hit,
+                                                         0.99 * usage[si] + 0.01 * hit)))
+        usage = jnp.stack(rows)
+        if not cb.reseed:
+            return usage, params, jnp.zeros((), jnp.int32)
+        v = self.vq_cfg.vocab_size
+        tokens_per_step = sum(int(np.prod(z.shape[:-1])) for z in aux['z'])
+        rate = jnp.sum(usage, 0) / (tokens_per_step / v)  # hits relative to a uniform codebook
+        due = ((state.step + 1) % cb.reseed_every == 0) & (state.step > 0)
+        dead = due & (rate < cb.dead_threshold)
+        pool = jnp.concatenate([z.reshape(-1, z.shape[-1]) for z in aux['z']], 0)
+        pick = jax.random.randint(jax.random.fold_in(key, 7), (v,), 0, pool.shape[0])
+        vq = nnx.merge(self.vq_graphdef, params['vqvae'])
+        emb = vq.quantize.embedding.embedding
+        emb[...] = jnp.where(dead[:, None], jax.lax.stop_gradient(pool[pick]), emb[...])
+        usage = jnp.where(dead[None, :], tokens_per_step / v / sn, usage)
+        return usage, {**params, 'vqvae': nnx.state(vq, nnx.Param)}, jnp.sum(dead).astype(jnp.int32)
+
+    def progress_fields(self, m):
+        out = {k: m[k] for k in ('L_rec', 'L_vq', 'psnr', 'grad_norm') if k in m}
+        usage = [m[k] for k in sorted(m) if k.startswith('usage/')]
+        if usage:
+            out['usage%'] = '/'.join(f'{u:.0f}' for u in usage)
+        return out
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, state, frozen, step, writer, final):
+        """Held-out PSNR / LPIPS and a grid: input | reconstruction | cumulative per-scale ones."""
+        data = self.config.data
+        n_batches = int(self.config.get('eval_batches', 4))
+        it, _ = make_dataset(data, split='eval', local_batch=min(self.config.batch_size, 64), seed=0, train=False)
+        vq = nnx.merge(self.vq_graphdef, state.ema.get('vqvae', state.params['vqvae']))
+        recon = nnx.jit(lambda m, x: m.decode(m.quantize.tokenize(m.encode(x))[1]))
+        psnrs, lp, first = [], [], None
+        for i, b in enumerate(it):
+            if i >= n_batches:
+                break
+            x = trainer.images_to_float(jnp.asarray(b['image']))
+            r = recon(vq, x)
+            psnrs.append(np.asarray(psnr(x, r)))
+            if self.lpips_params is not None:
+                lp.append(np.asarray(jax.jit(lpips)(self.lpips_params, x, r)))
+            if first is None:
+                first = x[:8]
+        out = {'eval/psnr': float(np.mean(np.concatenate(psnrs)))}
+        if lp:
+            out['eval/lpips'] = float(np.mean(np.concatenate(lp)))
+        if jax.process_index() == 0:
+            writer.scalars(step, out)
+            x = first
+            steps = nnx.jit(lambda m, x: [m.decode(f) for f in
+                                           m.quantize.idx_to_fhat(m.quantize.tokenize(m.encode(x))[0], cumulative=True)])
+            cols = [x, recon(vq, x)] + list(steps(vq, x))
+            tiles = np.stack([np.asarray(c) for c in cols], 1).reshape((-1,) + x.shape[1:])
+            g = viz.grid((tiles + 1) / 2, x.shape[0], len(cols))
+            viz.save_png(self.workdir / 'recon' / f'step_{step:07d}.png', g)
+            writer.image(step, 'reconstructions', g)
+        return out
+
+
+def run(config, workdir, *, dry_run: bool = False) -> dict:
+    config_lib.check(config, 'tokenizer')
+    return trainer.run(TokenizerTask(config, workdir), config, workdir, dry_run=dry_run)
+
+
+def main(argv):
+    from absl import flags  # noqa: PLC0415
+
+    del argv
+    f = flags.FLAGS
+    try:
+        run(f.config, f.workdir, dry_run=f.dry_run)
+    except (ValueError, FloatingPointError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file('config', 'configs/tokenizer_tiny.py', 'tokenizer config', lock_config=True)
+    flags.DEFINE_string('workdir', None, 'output directory (local or gs://); re-running resumes', required=True)
+    flags.DEFINE_bool('dry_run', False, 'compile the step from abstract shapes, print memory, exit')
+    app.run(main)

@@ -1,0 +1,384 @@
+"""The training loop both trainers share (`train` for VAR, `train_tokenizer` for the VQVAE).
+
+A `Task` says what is trained (models, optimizer, one update step, evaluations); this file does
+everything else, once: mesh, input, sharded state creation or exact resume, the jitted step with
+shardings and donation, the non-finite guard, checkpoints (periodic, final, on SIGTERM), metrics,
+progress and the dry run. Sections below follow that order.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from etils import epath
+from flax import nnx, struct
+from jax.sharding import NamedSharding
+
+from var_jax import checkpoint, distributed, metrics, sharding
+from var_jax.data.pipeline import make_dataset
+
+IMAGENET_TRAIN = 1_281_167  # schedule length for a dry run, which reads no data
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: number of updates applied (or skipped as non-finite)
+    rng: jax.Array  # uint32 key data; the step's key is fold_in(rng, step)
+    params: dict[str, Any]  # trainable models by name ('var' | 'vqvae', 'disc')
+    opt_state: Any
+    ema: dict[str, Any]  # EMA copies of params (empty unless the task keeps them)
+    extra: dict[str, Any]  # task state (e.g. codebook usage)
+
+    def key(self):
+        return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
+
+
+class Task:
+    """What one trainer plugs into the loop. Subclasses implement the methods that raise."""
+
+    name = 'task'
+    export = ('var',)  # params saved in the checkpoint's `params` item (what inference loads)
+
+    def __init__(self, config, workdir):
+        self.config, self.workdir = config, epath.Path(workdir)
+
+    # --- models and state
+    def model_configs(self) -> dict:  # -> {'vqvae': VQVAEConfig | None, 'var': VARConfig | None, ...extra json}
+        raise NotImplementedError
+
+    def optimizer(self, total_steps: int, steps_per_epoch: float) -> optax.GradientTransformation:
+        raise NotImplementedError
+
+    def init_params(self, key) -> tuple[dict, dict]:  # traced: -> (params, extra)
+        raise NotImplementedError
+
+    def ema_decay(self) -> float:
+        return 0.0
+
+    def frozen(self, mesh):  # arrays the step reads but never updates (the tokenizer of VAR training)
+        return None
+
+    # --- update
+    def train_step(self, state: TrainState, batch: dict, frozen, tx) -> tuple[TrainState, dict]:
+        raise NotImplementedError
+
+    def flops_per_image(self) -> float:
+        return 0.0
+
+    # --- host side
+    def evaluate(self, state: TrainState, frozen, step: int, writer: metrics.Writer, final: bool) -> dict:
+        return {}
+
+    def progress_fields(self, m: dict) -> dict:
+        return {k: m[k] for k in ('loss',) if k in m}
+
+    def throughput(self, images_per_sec: float) -> dict:
+        return {}
+
+
+# ---------------------------------------------------------------------------- helpers for tasks
+def apply_updates(state: TrainState, grads, tx, params=None) -> tuple[Any, Any, jax.Array]:
+    """One optimizer step -> (new params, new opt_state, pre-clip grad norm)."""
+    params = state.params if params is None else params
+    updates, opt_state = tx.update(grads, state.opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
+
+
+def accumulate_grads(grad_fn, batch: dict, steps: int, key):
+    """Average `grad_fn(microbatch, key) -> (grads, metrics)` over `steps` microbatches (lax.scan)."""
+    if steps == 1:
+        return grad_fn(batch, key)
+    micro = jax.tree.map(lambda x: x.reshape((steps, x.shape[0] // steps) + x.shape[1:]), batch)
+    first = jax.tree.map(lambda x: x[0], micro)
+    g0, m0 = jax.eval_shape(grad_fn, first, key)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (g0, m0))
+
+    def body(acc, i):
+        g, m = grad_fn(jax.tree.map(lambda x: x[i], micro), jax.random.fold_in(key, i))
+        return jax.tree.map(lambda a, b: a + b / steps, acc, (g, m)), None
+
+    (g, m), _ = jax.lax.scan(body, zeros, jnp.arange(steps))
+    return g, m
+
+
+def images_to_float(images: jax.Array) -> jax.Array:
+    """uint8 [0, 255] -> float32 [-1, 1] (the official x * 2 - 1 of ToTensor)."""
+    return images.astype(jnp.float32) / 127.5 - 1.0
+
+
+# ---------------------------------------------------------------------------- the loop
+@dataclasses.dataclass
+class Setup:
+    mesh: Any
+    tx: Any
+    abstract_state: Any
+    state_shardings: Any
+    batch_shardings: Any
+    frozen: Any
+    step_fn: Any  # jitted
+    total_steps: int
+    steps_per_epoch: float
+
+
+def _guarded(task: Task, tx):
+    """The task's step, with non-finite protection: a bad loss or gradient leaves the weights and
+    optimizer state untouched (the step counter still advances) and is reported in the metrics."""
+
+    def step(state: TrainState, batch, frozen):
+        new, m = task.train_step(state, batch, frozen, tx)
+        ok = jnp.isfinite(m['loss']) & jnp.isfinite(m['grad_norm'])
+        keep = lambda a, b: jnp.where(ok, a, b)  # noqa: E731
+        new = new.replace(params=jax.tree.map(keep, new.params, state.params),
+                          opt_state=jax.tree.map(keep, new.opt_state, state.opt_state),
+                          ema=jax.tree.map(keep, new.ema, state.ema),
+                          extra=jax.tree.map(keep, new.extra, state.extra),
+                          step=state.step + 1)
+        if task.ema_decay() > 0:
+            d = task.ema_decay()
+            new = new.replace(ema={k: jax.tree.map(lambda e, p: jnp.where(ok, d * e + (1 - d) * p, e), v,
+                                                   new.params[k]) for k, v in new.ema.items()})
+        return new, {**m, 'nonfinite': (~ok).astype(jnp.int32)}
+
+    return step
+
+
+def steps_for(config, dataset_size: int) -> tuple[int, float]:
+    steps_per_epoch = dataset_size / config.batch_size
+    if config.get('total_steps', 0):
+        return int(config.total_steps), steps_per_epoch
+    if not config.get('epochs', 0):
+        raise ValueError('config needs total_steps or epochs')
+    return max(1, round(config.epochs * steps_per_epoch)), steps_per_epoch
+
+
+def setup(task: Task, config, *, dataset_size: int, image_size: int) -> Setup:
+    # ---- mesh
+    mesh = sharding.make_mesh(**config.mesh)
+    dp = sharding.data_parallel_size(mesh)
+    if config.batch_size % dp or config.batch_size % jax.process_count():
+        raise ValueError(f'batch_size {config.batch_size} must be divisible by the data-parallel size {dp} '
+                         f'and the process count {jax.process_count()}')
+    accum = int(config.get('grad_accum', 1))
+    if accum < 1 or (config.batch_size // dp) % accum:
+        raise ValueError(f'grad_accum {accum} must divide the per-device batch {config.batch_size // dp}')
+    total, spe = steps_for(config, dataset_size)
+    tx = task.optimizer(total, spe)
+
+    # ---- abstract state -> shardings (nothing allocated)
+    def init_fn(key):
+        params, extra = task.init_params(key)
+        ema = {k: params[k] for k in params if k in task.export} if task.ema_decay() > 0 else {}
+        return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.fold_in(key, 1)),
+                          params=params, opt_state=tx.init(params), ema=ema, extra=extra)
+
+    with sharding.use_mesh(mesh):
+        abstract_state = jax.eval_shape(init_fn, jax.random.key(0))
+        param_sh = sharding.state_shardings(abstract_state.params, mesh)
+        rep = sharding.replicated(mesh)
+        state_sh = TrainState(
+            step=rep, rng=rep, params=param_sh,
+            opt_state=optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_sh,
+                                            transform_non_params=lambda _: rep),
+            ema={k: param_sh[k] for k in abstract_state.ema},
+            extra=jax.tree.map(lambda _: rep, abstract_state.extra))
+    batch_sh = {'image': sharding.batch_sharding(mesh, ndim=4), 'label': sharding.batch_sharding(mesh),
+                'skipped': sharding.batch_sharding(mesh)}
+    frozen = task.frozen(mesh)
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    step_fn = jax.jit(_guarded(task, tx), in_shardings=(state_sh, batch_sh, frozen_sh),
+                      out_shardings=(state_sh, rep), donate_argnums=0)
+    setup = Setup(mesh, tx, abstract_state, state_sh, batch_sh, frozen, step_fn, total, spe)
+    setup.init_fn = jax.jit(init_fn, out_shardings=state_sh)  # type: ignore[attr-defined]
+    return setup
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def compile_step(task: Task, s: Setup, config, image_size: int):
+    """Lower + compile the step from abstract shapes; returns (compiled, memory report string)."""
+    b = config.batch_size
+    batch = {'image': jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.uint8, sharding=s.batch_shardings['image']),
+             'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=s.batch_shardings['label']),
+             'skipped': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=s.batch_shardings['skipped'])}
+    frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), s.frozen)
+    with sharding.use_mesh(s.mesh):
+        t0 = time.time()
+        compiled = s.step_fn.lower(_abstract(s.abstract_state, s.state_shardings), batch, frozen).compile()
+    report = f'compiled the train step in {time.time() - t0:.1f}s'
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        gib = 2 ** 30
+        total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
+        report += (f'; per-device memory {total / gib:.2f} GiB (arguments {mem.argument_size_in_bytes / gib:.2f}, '
+                   f'outputs {mem.output_size_in_bytes / gib:.2f}, temporaries {mem.temp_size_in_bytes / gib:.2f}, '
+                   f'donated/aliased {mem.alias_size_in_bytes / gib:.2f})')
+    return compiled, report
+
+
+def _split_for_checkpoint(task: Task, state: TrainState):
+    params = {k: v for k, v in state.params.items() if k in task.export}
+    params.update({f'{k}_ema': v for k, v in state.ema.items()})
+    rest = state.replace(params={k: v for k, v in state.params.items() if k not in task.export}, ema={})
+    return params, rest
+
+
+def _join_from_checkpoint(task: Task, params, rest: TrainState, template: TrainState) -> TrainState:
+    models = {**rest.params, **{k: params[k] for k in template.params if k in task.export}}
+    ema = {k: params[f'{k}_ema'] for k in template.ema}
+    return rest.replace(params=models, ema=ema)
+
+
+class _Stop:
+    """SIGTERM (TPU preemption) / SIGINT: finish the current step, save, exit."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (tests)
+                pass
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def requested(self, step: int) -> bool:
+        if self.signal is not None:
+            return True
+        if jax.process_count() > 1:
+            try:
+                from jax.experimental import multihost_utils  # noqa: PLC0415
+
+                return bool(multihost_utils.reached_preemption_sync_point(step))
+            except Exception:  # noqa: BLE001  (no preemption service: plain multi-process run)
+                return False
+        return False
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
+    """Train `task` into `workdir` (resuming if it holds checkpoints). Returns final metrics."""
+    distributed.maybe_initialize()
+    workdir = epath.Path(workdir)
+    data_cfg = config.data
+
+    if dry_run:  # abstract shapes only: no data, no weights
+        s = setup(task, config, dataset_size=int(data_cfg.get('size_hint', IMAGENET_TRAIN)),
+                  image_size=data_cfg.image_size)
+        _, report = compile_step(task, s, config, data_cfg.image_size)
+        print(f'[{task.name}] dry run on {s.mesh.devices.size} devices (mesh {dict(s.mesh.shape)}): {report}',
+              flush=True)
+        return {'dry_run': report}
+
+    # ---- input (this process's share of the global batch)
+    local_batch = config.batch_size // jax.process_count()
+    data_iter, source = make_dataset(data_cfg, split='train', local_batch=local_batch, seed=config.seed,
+                                     process_index=jax.process_index(), process_count=jax.process_count())
+    task.source = source
+    s = setup(task, config, dataset_size=len(source), image_size=data_cfg.image_size)
+
+    # ---- state: resume or create (sharded from the start)
+    cfgs = task.model_configs()
+    if jax.process_index() == 0:
+        checkpoint.write_model_json(workdir, vqvae=cfgs.get('vqvae'), var=cfgs.get('var'),
+                                    **{k: v for k, v in cfgs.items() if k not in ('vqvae', 'var')})
+        (workdir / 'config.json').write_text(config.to_json_best_effort(indent=1))
+    ckpt = checkpoint.TrainCheckpointer(workdir, keep=config.get('keep_checkpoints', 3))
+    data_iter = iter(data_iter)
+    with sharding.use_mesh(s.mesh):
+        if ckpt.latest_step() is not None:
+            p_abs, r_abs = _split_for_checkpoint(task, _abstract(s.abstract_state, s.state_shardings))
+            params, rest = ckpt.restore(p_abs, r_abs, data_iter)
+            state = _join_from_checkpoint(task, params, rest, s.abstract_state)
+            print(f'[{task.name}] resumed from {workdir} at step {int(state.step)}', flush=True)
+        else:
+            state = s.init_fn(jax.random.key(config.seed))
+    start = int(state.step)
+    compiled, report = compile_step(task, s, config, data_cfg.image_size)
+    if jax.process_index() == 0:
+        print(f'[{task.name}] {report}', flush=True)
+
+    # ---- loop
+    writer = metrics.Writer(workdir)
+    progress = metrics.Progress(task.name, s.total_steps, start)
+    stop = _Stop()
+    log_every, ckpt_every = config.get('log_every', 50), config.get('checkpoint_every', 1000)
+    eval_every = config.get('eval_every', 0)
+    pending, skipped, nonfinite_run, last = [], 0, 0, {}
+    t_last, n_last = time.time(), start
+    flops = task.flops_per_image()
+    step = start
+    try:
+        while step < s.total_steps:
+            local = next(data_iter)
+            batch = {k: jax.make_array_from_process_local_data(s.batch_shardings[k], np.asarray(local[k]))
+                     for k in ('image', 'label', 'skipped')}
+            with sharding.use_mesh(s.mesh):
+                state, m = compiled(state, batch, s.frozen)
+            step += 1
+            pending.append(m)
+            if step % log_every == 0 or step == s.total_steps or step == start + 1:
+                fetched = jax.device_get(pending)
+                pending = []
+                nf = sum(int(f['nonfinite']) for f in fetched)
+                skipped += sum(int(f['skipped']) for f in fetched)
+                nonfinite_run = nonfinite_run + nf if nf == len(fetched) else nf
+                last = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1] if np.ndim(fetched[-1][k]) == 0}
+                for k in fetched[-1]:
+                    if np.ndim(fetched[-1][k]) == 1:  # per-scale vectors
+                        for i, v in enumerate(np.mean([f[k] for f in fetched], 0)):
+                            last[f'{k}/{i}'] = float(v)
+                now = time.time()
+                dt = (now - t_last) / max(step - n_last, 1)
+                t_last, n_last = now, step
+                ips = config.batch_size / dt
+                last.update(nonfinite=nf, data_skipped_total=skipped, images_per_sec=ips, sec_per_step=dt,
+                            epoch=step / s.steps_per_epoch)
+                if flops:
+                    last['tflops_per_sec'] = flops * ips / 1e12
+                last.update(task.throughput(ips))
+                writer.scalars(step, last)
+                progress.update(step, task.progress_fields(last))
+                if nf:
+                    print(f'[{task.name}] WARNING: non-finite loss or gradient in {nf} of the last {len(fetched)} '
+                          f'steps (up to step {step}); those updates were skipped', flush=True)
+                if nonfinite_run >= config.get('max_nonfinite', 20):
+                    raise FloatingPointError(f'{nonfinite_run} consecutive non-finite steps at step {step}; '
+                                             'stopping (weights are from the last finite step)')
+            if eval_every and step % eval_every == 0 and step < s.total_steps:
+                last.update(task.evaluate(state, s.frozen, step, writer, final=False))
+            if step % ckpt_every == 0 or step == s.total_steps:
+                p, r = _split_for_checkpoint(task, state)
+                ckpt.save(step, p, r, data_iter, force=True)
+            if stop.requested(step):
+                p, r = _split_for_checkpoint(task, state)
+                ckpt.save(step, p, r, data_iter, force=True)
+                ckpt.wait()
+                print(f'[{task.name}] stopped by signal at step {step}; checkpoint saved in {workdir}. '
+                      'Run the same command to resume.', flush=True)
+                raise SystemExit(0)
+        if step == s.total_steps:
+            last.update(task.evaluate(state, s.frozen, step, writer, final=True))
+            writer.scalars(step, {f'final/{k}': v for k, v in last.items()})
+    finally:
+        stop.restore()
+        ckpt.close()
+        writer.close()
+        if hasattr(data_iter, 'close'):
+            data_iter.close()
+    task.final_state = state
+    task.frozen_arrays = s.frozen
+    return last
