@@ -113,6 +113,14 @@ def _sample_jit(var, vqvae, labels, keys, cfg, top_k, top_p, teacher=None, *, mo
     return images, idx_list, f_hat, logits
 
 
+def image_keys(seed: int, labels, index) -> jax.Array:
+    """One key per image from (seed, class, index within the class): an image depends only on
+    these three numbers, never on the batch size, the device count or the other images."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda c, i: jax.random.fold_in(jax.random.fold_in(base, c), i))(
+        jnp.asarray(labels, jnp.uint32), jnp.asarray(index, jnp.uint32))
+
+
 def row_keys(key, batch: int) -> jax.Array:
     """One key per row: `fold_in(key, i)` for a single key, or the given (B,) keys."""
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key

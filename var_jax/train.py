@@ -18,7 +18,7 @@ import optax
 from etils import epath
 from flax import nnx
 
-from var_jax import checkpoint, config_lib, metrics, optim, sampling, sharding, trainer, viz
+from var_jax import checkpoint, cli, config_lib, metrics, optim, sampling, sharding, trainer, viz
 from var_jax.models import VAR, VARConfig, VQVAEConfig, abstract, vqvae_config
 from var_jax.models.var import scale_bounds
 
@@ -153,7 +153,7 @@ class VARTask(trainer.Task):
         var = nnx.merge(nnx.split(abstract(cfg))[0], state.params['var'])
         vq = nnx.merge(self.vq_graphdef, frozen)
         labels = np.repeat(np.asarray(classes, np.int32), s.per_class)
-        keys = sample_keys(s.seed, labels, np.tile(np.arange(s.per_class), len(classes)))
+        keys = sampling.image_keys(s.seed, labels, np.tile(np.arange(s.per_class), len(classes)))
         images, _ = sampling.sample(var, vq, labels, keys, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
                                     more_smooth=s.more_smooth)
         images = gather(images)
@@ -164,13 +164,6 @@ class VARTask(trainer.Task):
             viz.save_png(self.workdir / 'samples' / f'step_{step:07d}.png', g)
             writer.image(step, 'samples', g)
         return {}
-
-
-def sample_keys(seed: int, labels, index) -> jax.Array:
-    """Per-image keys from (seed, class, index within class): images do not depend on the batch."""
-    base = jax.random.key(seed)
-    return jax.vmap(lambda c, i: jax.random.fold_in(jax.random.fold_in(base, c), i))(
-        jnp.asarray(labels, jnp.uint32), jnp.asarray(index, jnp.uint32))
 
 
 def gather(x) -> np.ndarray:
@@ -196,9 +189,9 @@ def run(config, workdir, *, dry_run: bool = False) -> dict:
         return trainer.run(task, config, workdir, dry_run=True)
     out = trainer.run(task, config, workdir)
     if config.get('evaluate'):
-        from var_jax import evaluate  # noqa: PLC0415
+        from var_jax.eval import builtin_score  # noqa: PLC0415
 
-        out.update(evaluate.evaluate_workdir(workdir))
+        out.update(builtin_score.evaluate_workdir(workdir))
     if jax.process_index() == 0:
         print(summary(workdir, out), flush=True)
     return out
@@ -227,11 +220,7 @@ def main(argv):
 
     del argv
     f = flags.FLAGS
-    try:
-        run(f.config, f.workdir, dry_run=f.dry_run)
-    except (ValueError, FloatingPointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run(lambda: run(f.config, f.workdir, dry_run=f.dry_run) and 0))
 
 
 if __name__ == '__main__':

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from var_jax import config_lib, sharding, trainer, viz
+from var_jax import cli, config_lib, sharding, trainer, viz
 from var_jax.data.pipeline import make_dataset
 from var_jax.models import VQVAE, VQVAEConfig, abstract
 from var_jax.models.perceptual import PatchDiscriminator, load_lpips_params, lpips
@@ -255,11 +255,7 @@ def main(argv):
 
     del argv
     f = flags.FLAGS
-    try:
-        run(f.config, f.workdir, dry_run=f.dry_run)
-    except (ValueError, FloatingPointError) as e:
-        print(f'error: {e}', file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli.run(lambda: run(f.config, f.workdir, dry_run=f.dry_run) and 0))
 
 
 if __name__ == '__main__':
