@@ -16,6 +16,7 @@ import uuid
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -34,7 +35,7 @@ def write_model_json(directory, *, vqvae: VQVAEConfig | None, var: VARConfig | N
                'var': var.to_dict() if var else None, **extra}
     tmp = d / f'.{MODEL_FILE}.{uuid.uuid4().hex}'
     tmp.write_text(json.dumps(payload, indent=1))
-    tmp.rename(d / MODEL_FILE)
+    tmp.replace(d / MODEL_FILE)  # replace, not rename: a resumed run rewrites it
 
 
 def read_model_json(directory) -> tuple[VQVAEConfig | None, VARConfig | None, dict]:
@@ -57,7 +58,7 @@ def abstract_params(cfg, shardings=None):
     """Abstract parameter state of a model (ShapeDtypeStructs with a sharding, as Orbax needs)."""
     state = nnx.state(abstract(cfg), nnx.Param)
     if shardings is None:
-        dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), state)
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
@@ -68,6 +69,14 @@ def merge_params(cfg, params):
 
 
 # ---------------------------------------------------------------------------- model checkpoints
+def _this_process_only() -> ocp.StandardCheckpointer:
+    # Model checkpoints are small, host-local files: each process reads its own copy and process 0
+    # alone writes one, so no barrier may wait for the other processes of a multi-host run.
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def save_model(out, *, vqvae, var=None, overwrite: bool = False, source: dict | None = None) -> None:
     """Write a model checkpoint directory atomically (temporary sibling, then rename)."""
     out = epath.Path(out)
@@ -80,7 +89,8 @@ def save_model(out, *, vqvae, var=None, overwrite: bool = False, source: dict | 
         params = {'vqvae': nnx.state(vqvae, nnx.Param)}
         if var is not None:
             params['var'] = nnx.state(var, nnx.Param)
-        with ocp.StandardCheckpointer() as ckptr:
+        params = jax.tree.map(np.asarray, params)  # host values: Orbax refuses host-local arrays multi-host
+        with _this_process_only() as ckptr:
             ckptr.save(tmp / 'params', params)
             ckptr.wait_until_finished()
         write_model_json(tmp, vqvae=vqvae.config, var=var.config if var else None, source=source or {})
@@ -127,7 +137,7 @@ def load_model(path, *, step: int | None = None, need_var: bool = False, shardin
 
 def _restore(directory, target):
     try:
-        with ocp.StandardCheckpointer() as ckptr:
+        with _this_process_only() as ckptr:
             return ckptr.restore(directory, target)
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise ValueError(f'{directory}: cannot restore parameters ({str(e).splitlines()[0][:300]})') from None
@@ -147,10 +157,18 @@ class TrainCheckpointer:
 
     def __init__(self, workdir, *, keep: int | None = 3, async_save: bool = True, read_only: bool = False):
         self.workdir = epath.Path(workdir)
+        if read_only:  # what Orbax would otherwise warn that it overrides
+            keep = None
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
+                                               save_interval_steps=0 if read_only else 1,
                                                enable_async_checkpointing=async_save)
-        self.mngr = ocp.CheckpointManager(self.workdir / CHECKPOINTS, options=options,
-                                          item_names=('params', 'state', 'data'))
+        import grain  # noqa: PLC0415
+
+        # handlers registered up front, so metadata (which models a step holds) is readable
+        self.mngr = ocp.CheckpointManager(
+            self.workdir / CHECKPOINTS, options=options,
+            item_handlers={'params': ocp.StandardCheckpointHandler(), 'state': ocp.StandardCheckpointHandler(),
+                           'data': grain.checkpoint.CheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
@@ -182,19 +200,18 @@ class TrainCheckpointer:
         if step is None:
             raise ValueError(f'{self.workdir}: no checkpoint saved yet')
         meta = self.mngr.item_metadata(step)['params']
-        names = set(meta.keys()) if meta is not None else set()
-        want = {k: v for k, v in target.items() if k in names}
-        for k in list(want):  # prefer EMA weights when the run kept them
-            if f'{k}_ema' in names:
-                want[f'{k}_ema'] = want.pop(k)
+        names = set(meta.keys()) if meta is not None else set(target)
+        unknown = sorted(n for n in names if n.removesuffix('_ema') not in target)
+        if unknown:
+            raise ValueError(f'{self.workdir}: step {step} holds parameters {unknown} that model.json does not describe')
+        want = {n: target[n.removesuffix('_ema')] for n in names}  # an EMA copy has its model's shapes
         try:
-            out = self.mngr.restore(step, args=ocp.args.Composite(
-                params=ocp.args.PyTreeRestore(item=want, restore_args=ocp.checkpoint_utils.construct_restore_args(want),
-                                              partial_restore=True)))['params']
+            out = self.mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(want)))['params']
         except (ValueError, KeyError, FileNotFoundError) as e:
             raise ValueError(f'{self.workdir}: cannot restore parameters of step {step} '
                              f'({str(e).splitlines()[0][:300]})') from None
-        return {k.removesuffix('_ema'): v for k, v in out.items()}
+        # prefer EMA weights when the run kept them
+        return {k: out.get(f'{k}_ema', out[k]) for k in target if k in out}
 
     def wait(self):
         self.mngr.wait_until_finished()

@@ -143,3 +143,30 @@ def var_flops_per_image(cfg) -> float:
     pairs = float(sum(p * p * e for p, e in zip(cfg.patch_nums, ends)))  # visible keys, summed over queries
     fwd = 2 * per_token * L + 4 * c * d * pairs
     return 3.0 * fwd
+
+
+class CountProgress:
+    """Items done out of a total, on stderr: tqdm when installed (tensorflow-datasets brings it),
+    otherwise a line every ~10 %. For sampling and feature extraction loops."""
+
+    def __init__(self, total: int, desc: str, done: int = 0, unit: str = 'img'):
+        try:
+            from tqdm import tqdm  # noqa: PLC0415
+        except ImportError:
+            tqdm = None
+        self.bar = tqdm(total=total, initial=done, desc=desc, unit=unit, file=sys.stderr) if tqdm else None
+        self.total, self.desc, self.done, self.shown = total, desc, done, -1
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        tenth = 10 * self.done // max(self.total, 1)
+        if tenth != self.shown:
+            self.shown = tenth
+            print(f'{self.desc}: {self.done}/{self.total}', file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from var_jax.models import VAR, VQVAE, check_pair
@@ -136,7 +137,8 @@ def row_keys(key, batch: int) -> jax.Array:
 
 
 def check_sampling_args(var: VAR, labels, cfg, top_k, top_p):
-    labels = jnp.asarray(labels)
+    if not isinstance(labels, jax.Array):
+        labels = np.asarray(labels)  # host labels: checked without a device round trip
     if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape[0] < 1:
         raise ValueError(f'labels must be a non-empty integer vector (B,), got {labels.dtype} {labels.shape}')
     n = var.config.num_classes
@@ -150,7 +152,7 @@ def check_sampling_args(var: VAR, labels, cfg, top_k, top_p):
         raise ValueError(f'top_k must be a non-negative integer (0 = off), got {top_k}')
     if not 0 <= top_p <= 1:
         raise ValueError(f'top_p must be in [0, 1] (0 = off), got {top_p}')
-    return labels.astype(jnp.int32)
+    return jnp.asarray(labels, jnp.int32)
 
 
 def sample(var: VAR, vqvae: VQVAE, labels, key, cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96,

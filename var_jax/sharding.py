@@ -33,9 +33,15 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 _RULES: contextvars.ContextVar[dict | None] = contextvars.ContextVar('var_jax_rules', default=None)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None) -> Mesh:
-    """Mesh over ('data', 'fsdp', 'tensor'); one size may be -1 = all remaining devices."""
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, num_devices: int = 0) -> Mesh:
+    """Mesh over ('data', 'fsdp', 'tensor'); one size may be -1 = all remaining devices.
+
+    `num_devices` > 0 uses only the first that many devices (debugging, tests, benchmarks)."""
     devices = list(jax.devices() if devices is None else devices)
+    if num_devices:
+        if num_devices > len(devices):
+            raise ValueError(f'mesh.num_devices={num_devices} but only {len(devices)} devices are available')
+        devices = devices[:num_devices]
     sizes = [data, fsdp, tensor]
     if sum(s == -1 for s in sizes) > 1:
         raise ValueError(f'at most one mesh axis may be -1, got data={data} fsdp={fsdp} tensor={tensor}')
@@ -115,6 +121,40 @@ def state_shardings(abstract_state, mesh: Mesh, rules: Sequence[tuple[str, Any]]
         return NamedSharding(mesh, P())
 
     return jax.tree.map(one, abstract_state, is_leaf=_is_variable)
+
+
+def like_params(tree, abstract_params, param_shardings, default: NamedSharding):
+    """Shardings for a tree holding copies of the parameters (an optimizer state).
+
+    A leaf whose key path ends with a parameter's key path, and has its shape, gets that
+    parameter's sharding (Adam's mu and nu, EMA copies, also inside masked or multi_transform
+    states where `optax.tree_map_params` cannot line the trees up); every other leaf (counts,
+    scalars, factored statistics) gets `default`.
+    """
+    flat = jax.tree_util.tree_flatten_with_path
+    shapes = {tuple(k): getattr(v, 'shape', None) for k, v in flat(abstract_params)[0]}
+    shards = {tuple(k): v for k, v in flat(param_shardings)[0]}
+
+    def one(path, leaf):
+        for i in range(len(path)):
+            tail = tuple(path[i:])
+            if tail in shards:
+                return shards[tail] if shapes[tail] == getattr(leaf, 'shape', None) else default
+        return default
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def put(tree, shardings):
+    """Place host values (identical on every process) as global arrays with these shardings.
+
+    Going through numpy makes each process fill only its own shards; a `device_put` of a
+    single-device array onto a sharding that spans processes would be a cross-host transfer,
+    which CPU backends (multi-process tests) do not support.
+    """
+    if not isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), tree, shardings)
+    return jax.tree.map(lambda x: jax.device_put(np.asarray(x), shardings), tree)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -8,7 +8,6 @@ vocabulary usage, images/s, tokens/s and TFLOP/s.
 """
 from __future__ import annotations
 
-import math
 import sys
 
 import jax
@@ -18,8 +17,8 @@ import optax
 from etils import epath
 from flax import nnx
 
-from var_jax import checkpoint, cli, config_lib, metrics, optim, sampling, sharding, trainer, viz
-from var_jax.models import VAR, VARConfig, VQVAEConfig, abstract, vqvae_config
+from var_jax import checkpoint, cli, config_lib, distributed, metrics, optim, sampling, sharding, trainer, viz
+from var_jax.models import VAR, VARConfig, abstract, vqvae_config
 from var_jax.models.var import scale_bounds
 
 TOKENIZER_DIR = 'tokenizer'
@@ -71,7 +70,7 @@ class VARTask(trainer.Task):
                          vocab_size=vq.vocab_size, cvae=vq.z_channels, patch_nums=vq.patch_nums,
                          shared_aln=m.shared_aln, cond_drop_rate=m.cond_drop_rate, drop_path_rate=m.drop_path_rate,
                          init_adaln=m.aln, init_adaln_gamma=m.alng, dtype=m.dtype, attention=m.attention,
-                         remat=m.remat)
+                         remat=m.remat, scan_layers=m.scan_layers)
 
     def model_configs(self):
         return {'vqvae': self.vq_cfg, 'var': self.var_cfg, 'tokenizer': self.tokenizer_ref,
@@ -89,12 +88,25 @@ class VARTask(trainer.Task):
     def init_params(self, key):
         return {'var': nnx.state(VAR(self.var_cfg, rngs=nnx.Rngs(key)), nnx.Param)}, {}
 
+    def pretrained(self):
+        if not self.config.init_from:
+            return {}
+        _, var = checkpoint.load_model(self.config.init_from, need_var=True)
+        want = self.var_cfg
+        if var.config.replace(dtype=want.dtype, remat=want.remat, attention=want.attention,
+                              scan_layers=want.scan_layers, cond_drop_rate=want.cond_drop_rate,
+                              drop_path_rate=want.drop_path_rate, init_adaln=want.init_adaln,
+                              init_adaln_gamma=want.init_adaln_gamma) != want:
+            raise ValueError(f'config.init_from {self.config.init_from} holds a different VAR ({var.config}); '
+                             'set config.model to match it')
+        return {'var': nnx.state(var, nnx.Param)}
+
     def frozen(self, mesh):
         rep = sharding.replicated(mesh)
         if self.vq_params is None:
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep),
                                 nnx.state(abstract(self.vq_cfg), nnx.Param))
-        return jax.device_put(self.vq_params, rep)
+        return sharding.put(self.vq_params, rep)
 
     # ------------------------------------------------------------------ update
     def train_step(self, state, batch, frozen, tx):
@@ -148,6 +160,8 @@ class VARTask(trainer.Task):
     # ------------------------------------------------------------------ evaluation: a sample grid
     def evaluate(self, state, frozen, step, writer, final):
         s = self.config.sample
+        if s.per_class <= 0:
+            return {}
         cfg = self.var_cfg
         classes = [c for c in s.classes if c < cfg.num_classes] or list(range(min(cfg.num_classes, 8)))
         var = nnx.merge(nnx.split(abstract(cfg))[0], state.params['var'])
@@ -179,6 +193,7 @@ def gather(x) -> np.ndarray:
 def run(config, workdir, *, dry_run: bool = False) -> dict:
     """Train the tokenizer first when the config asks for it, then VAR; returns final metrics."""
     config_lib.check(config, 'var')
+    distributed.maybe_initialize()  # before the tokenizer is loaded: that touches the backend
     workdir = epath.Path(workdir)
     if not config.tokenizer.checkpoint and config.tokenizer.get('train') and not dry_run:
         from var_jax import train_tokenizer  # noqa: PLC0415
@@ -189,9 +204,14 @@ def run(config, workdir, *, dry_run: bool = False) -> dict:
         return trainer.run(task, config, workdir, dry_run=True)
     out = trainer.run(task, config, workdir)
     if config.get('evaluate'):
-        from var_jax.eval import builtin_score  # noqa: PLC0415
+        if jax.process_count() > 1:  # the score samples on one host's devices
+            print('[eval] skipped in a multi-process run: python -m var_jax.evaluate --workdir ' + str(workdir))
+        else:
+            from var_jax.eval import builtin_score  # noqa: PLC0415
 
-        out.update(builtin_score.evaluate_workdir(workdir))
+            s = config.sample
+            out.update(builtin_score.evaluate_workdir(workdir, per_class=config.get('score_per_class', 100),
+                                                      cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, seed=s.seed))
     if jax.process_index() == 0:
         print(summary(workdir, out), flush=True)
     return out

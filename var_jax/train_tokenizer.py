@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from var_jax import cli, config_lib, sharding, trainer, viz
+from var_jax import checkpoint, cli, config_lib, distributed, sharding, trainer, viz
 from var_jax.data.pipeline import make_dataset
 from var_jax.models import VQVAE, VQVAEConfig, abstract
 from var_jax.models.perceptual import PatchDiscriminator, load_lpips_params, lpips
@@ -101,14 +101,23 @@ class TokenizerTask(trainer.Task):
     def ema_decay(self):
         return float(self.config.loss.ema)
 
+    def pretrained(self):
+        if not self.config.init_from:
+            return {}
+        vq, _ = checkpoint.load_model(self.config.init_from)
+        if vq.config.replace(dtype=self.vq_cfg.dtype) != self.vq_cfg:
+            raise ValueError(f'config.init_from {self.config.init_from} holds a different tokenizer '
+                             f'({vq.config}); set config.model to match it')
+        return {'vqvae': nnx.state(vq, nnx.Param)}
+
     def frozen(self, mesh):
         if self.lpips_params is None:
             return None
-        return jax.device_put(self.lpips_params, sharding.replicated(mesh))
+        return sharding.put(self.lpips_params, sharding.replicated(mesh))
 
     # ------------------------------------------------------------------ update
     def train_step(self, state, batch, frozen, tx):
-        cfg, loss_cfg, cb = self.vq_cfg, self.config.loss, self.config.codebook
+        loss_cfg = self.config.loss
         x = trainer.images_to_float(batch['image'])
         gan_on = (state.step >= loss_cfg.gan_start).astype(jnp.float32) if self.use_gan else 0.0
         key = state.key()
@@ -193,7 +202,9 @@ class TokenizerTask(trainer.Task):
         v = self.vq_cfg.vocab_size
         tokens_per_step = sum(int(np.prod(z.shape[:-1])) for z in aux['z'])
         rate = jnp.sum(usage, 0) / (tokens_per_step / v)  # hits relative to a uniform codebook
-        due = ((state.step + 1) % cb.reseed_every == 0) & (state.step > 0)
+        # step 0 included: the first batch re-seeds every unused code from encoder outputs (a
+        # data-dependent codebook init, instead of the tiny U(-1/V, 1/V) start)
+        due = state.step % cb.reseed_every == 0
         dead = due & (rate < cb.dead_threshold)
         pool = jnp.concatenate([z.reshape(-1, z.shape[-1]) for z in aux['z']], 0)
         pick = jax.random.randint(jax.random.fold_in(key, 7), (v,), 0, pool.shape[0])
@@ -247,6 +258,7 @@ class TokenizerTask(trainer.Task):
 
 def run(config, workdir, *, dry_run: bool = False) -> dict:
     config_lib.check(config, 'tokenizer')
+    distributed.maybe_initialize()  # before the task builds anything on the backend
     return trainer.run(TokenizerTask(config, workdir), config, workdir, dry_run=dry_run)
 
 

@@ -8,7 +8,7 @@ progress and the dry run. Sections below follow that order.
 from __future__ import annotations
 
 import dataclasses
-import math
+import os
 import signal
 import time
 from typing import Any
@@ -18,13 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from etils import epath
-from flax import nnx, struct
-from jax.sharding import NamedSharding
+from flax import struct
 
 from var_jax import checkpoint, distributed, metrics, sharding
 from var_jax.data.pipeline import make_dataset
 
 IMAGENET_TRAIN = 1_281_167  # schedule length for a dry run, which reads no data
+# Tests set this to make the process SIGKILL itself after that step (once pending checkpoint
+# writes are on disk), i.e. the `kill -9` of the resume test without a timing race.
+_FAULT_KILL_AT = int(os.environ.get('VAR_JAX_FAULT_KILL_AT_STEP', '0'))
 
 
 @struct.dataclass
@@ -64,6 +66,9 @@ class Task:
 
     def frozen(self, mesh):  # arrays the step reads but never updates (the tokenizer of VAR training)
         return None
+
+    def pretrained(self) -> dict:  # {name: nnx.State} replacing fresh weights (fine-tuning), or {}
+        return {}
 
     # --- update
     def train_step(self, state: TrainState, batch: dict, frozen, tx) -> tuple[TrainState, dict]:
@@ -184,8 +189,7 @@ def setup(task: Task, config, *, dataset_size: int, image_size: int) -> Setup:
         rep = sharding.replicated(mesh)
         state_sh = TrainState(
             step=rep, rng=rep, params=param_sh,
-            opt_state=optax.tree_map_params(tx, lambda _, s: s, abstract_state.opt_state, param_sh,
-                                            transform_non_params=lambda _: rep),
+            opt_state=sharding.like_params(abstract_state.opt_state, abstract_state.params, param_sh, rep),
             ema={k: param_sh[k] for k in abstract_state.ema},
             extra=jax.tree.map(lambda _: rep, abstract_state.extra))
     batch_sh = {'image': sharding.batch_sharding(mesh, ndim=4), 'label': sharding.batch_sharding(mesh),
@@ -306,6 +310,12 @@ def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
             print(f'[{task.name}] resumed from {workdir} at step {int(state.step)}', flush=True)
         else:
             state = s.init_fn(jax.random.key(config.seed))
+            pre = task.pretrained()
+            if pre:  # fine-tuning: given weights, fresh optimizer state
+                placed = {k: sharding.put(v, s.state_shardings.params[k]) for k, v in pre.items()}
+                state = state.replace(params={**state.params, **placed},
+                                      ema={k: placed.get(k, v) for k, v in state.ema.items()})
+                print(f'[{task.name}] initialised {", ".join(pre)} from {config.init_from}', flush=True)
     start = int(state.step)
     compiled, report = compile_step(task, s, config, data_cfg.image_size)
     if jax.process_index() == 0:
@@ -363,6 +373,9 @@ def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
             if step % ckpt_every == 0 or step == s.total_steps:
                 p, r = _split_for_checkpoint(task, state)
                 ckpt.save(step, p, r, data_iter, force=True)
+            if step == _FAULT_KILL_AT:  # fault injection for tests: a hard kill right after this step
+                ckpt.wait()
+                os.kill(os.getpid(), signal.SIGKILL)
             if stop.requested(step):
                 p, r = _split_for_checkpoint(task, state)
                 ckpt.save(step, p, r, data_iter, force=True)

@@ -51,5 +51,9 @@ def save_png(path, image: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(to_uint8(image)).save(buf, format='PNG')
     tmp = path.parent / f'.{path.name}.{uuid.uuid4().hex[:8]}'
-    tmp.write_bytes(buf.getvalue())
-    tmp.rename(path)
+    try:
+        tmp.write_bytes(buf.getvalue())
+        tmp.replace(path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()

@@ -32,6 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import linalg
 
+from var_jax import metrics
 from var_jax.eval.inception import InceptionV3, load_inception
 from var_jax.eval.inputs import NpzImages, Reference, check_same_size, read_reference
 
@@ -43,30 +44,7 @@ METRIC_NAMES = ('Inception Score', 'FID', 'sFID', 'Precision', 'Recall')  # ADM'
 
 
 # ---------------------------------------------------------------------------- progress
-class _Progress:
-    """tqdm when installed (it comes with tensorflow-datasets), else a line every ~10%."""
-
-    def __init__(self, total: int, desc: str):
-        try:
-            from tqdm import tqdm  # noqa: PLC0415
-        except ImportError:
-            tqdm = None
-        self.bar = tqdm(total=total, desc=desc, unit='img', file=sys.stderr) if tqdm else None
-        self.total, self.desc, self.done, self.shown = total, desc, 0, -1
-
-    def update(self, n: int):
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-            return
-        tenth = 10 * self.done // max(self.total, 1)
-        if tenth != self.shown:
-            self.shown = tenth
-            print(f'{self.desc}: {self.done}/{self.total} images', file=sys.stderr, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
+_Progress = metrics.CountProgress
 
 
 # ---------------------------------------------------------------------------- features

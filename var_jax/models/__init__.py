@@ -6,6 +6,7 @@ and `abstract(cls, cfg)` gives shapes/metadata without allocating anything.
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, TypeVar
 
 import jax
@@ -26,9 +27,16 @@ def model_class(cfg) -> type:
     return {VQVAEConfig: VQVAE, VARConfig: VAR}[type(cfg)]
 
 
+@functools.lru_cache(maxsize=32)
+def _abstract_split(cfg):
+    # tracing the constructor costs ~1-2 s for large models; configs are frozen, so cache per config
+    return nnx.split(nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0))))
+
+
 def abstract(cfg) -> nnx.Module:
     """The model with `jax.ShapeDtypeStruct` leaves (and their `axes` metadata); no allocation."""
-    return nnx.eval_shape(lambda: model_class(cfg)(cfg, rngs=nnx.Rngs(0)))
+    graphdef, state = _abstract_split(cfg)
+    return nnx.merge(graphdef, state)
 
 
 def _init_compiler_options() -> dict[str, Any] | None:

@@ -134,6 +134,7 @@ class VARConfig(_Config):
     dtype: str = 'float32'  # compute dtype; softmax, norms, logits and CE stay float32
     attention: str = 'xla'  # 'xla': einsum softmax; 'jax': jax.nn.dot_product_attention (cuDNN on GPU)
     remat: str = 'none'  # 'none' | 'block' (recompute each block in the backward pass) | 'dots'
+    scan_layers: bool = True  # False: unroll the layer loop (faster for shallow models, slower to compile)
 
     def __post_init__(self):
         _check_patch_nums(self.patch_nums, 'VARConfig')

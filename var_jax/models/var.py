@@ -267,7 +267,8 @@ class VAR(nnx.Module):
             policy = None if cfg.remat == 'block' else jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims
             block_fn = nnx.remat(block_fn, policy=policy)
 
-        @nnx.scan(in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=STACK)
+        @nnx.scan(in_axes=(0, nnx.Carry, 0, 0, 0), out_axes=(nnx.Carry, 0), transform_metadata=STACK,
+                  unroll=1 if cfg.scan_layers else True)
         def scan_fn(block, x, layer_cache, dpr, key):
             return block_fn(block, x, layer_cache, dpr, key)
 
@@ -312,8 +313,9 @@ class VAR(nnx.Module):
             raise ValueError(f'labels must be integer (B,), got {labels.dtype} {labels.shape}')
         if var_input.ndim != 3 or var_input.shape[1:] != want or var_input.shape[0] != labels.shape[0]:
             raise ValueError(f'var_input must be (B={labels.shape[0]}, {want[0]}, {want[1]}), got {var_input.shape}')
-        if not isinstance(labels, jax.core.Tracer) and labels.size:
-            lo, hi = int(labels.min()), int(labels.max())
+        if not isinstance(labels, jax.core.Tracer) and labels.size:  # concrete: check on the host
+            host = np.asarray(labels)
+            lo, hi = int(host.min()), int(host.max())
             if lo < 0 or hi > cfg.num_classes:
                 raise ValueError(f'labels must be in [0, {cfg.num_classes}] ({cfg.num_classes} = unconditional), '
                                  f'got [{lo}, {hi}]')

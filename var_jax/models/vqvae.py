@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from var_jax.models.config import VQVAEConfig, to_jnp_dtype
@@ -211,8 +212,9 @@ class VQVAE(nnx.Module):
             raise ValueError(f'images must be NHWC (B, {s}, {s}, 3) for this tokenizer, got {images.shape}')
         if not jnp.issubdtype(images.dtype, jnp.floating):
             raise ValueError(f'images must be floating point in [-1, 1], got dtype {images.dtype}')
-        if _is_concrete(images):
-            lo, hi = float(jnp.min(images)), float(jnp.max(images))
+        if _is_concrete(images):  # on the host: jnp ops here would be traced inside an outer jit
+            host = np.asarray(images)
+            lo, hi = float(host.min()), float(host.max())
             if not (lo >= -1.001 and hi <= 1.001):
                 raise ValueError(f'images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]')
         return images
@@ -226,9 +228,11 @@ class VQVAE(nnx.Module):
             idx = jnp.asarray(idx)
             if idx.ndim != 2 or idx.shape[1] != pn * pn or not jnp.issubdtype(idx.dtype, jnp.integer):
                 raise ValueError(f'scale {si}: tokens must be integer (B, {pn * pn}), got {idx.dtype} {idx.shape}')
-            if _is_concrete(idx) and idx.size and (int(idx.min()) < 0 or int(idx.max()) >= self.config.vocab_size):
-                raise ValueError(f'scale {si}: token ids must be in [0, {self.config.vocab_size}), '
-                                 f'got [{int(idx.min())}, {int(idx.max())}]')
+            if _is_concrete(idx) and idx.size:
+                host = np.asarray(idx)
+                if host.min() < 0 or host.max() >= self.config.vocab_size:
+                    raise ValueError(f'scale {si}: token ids must be in [0, {self.config.vocab_size}), '
+                                     f'got [{int(host.min())}, {int(host.max())}]')
             out.append(idx.astype(jnp.int32))
         return out
 

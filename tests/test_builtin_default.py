@@ -1,0 +1,39 @@
+"""The built-in default end to end (issue 6), shortened: the README's main command with the `ci`
+preset of configs/tiny.py. One process runs tokenizer training, VAR training, the sample grid and
+the built-in score; a second run of the same command resumes instead of training again."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+
+@pytest.mark.slow
+def test_main_job_trains_samples_and_scores(tmp_path):
+    w = tmp_path / 'tiny'
+    cmd = [sys.executable, '-m', 'var_jax.train', f'--config={REPO / "configs" / "tiny.py"}:ci', f'--workdir={w}']
+    env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a user has
+    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'eta' in r.stdout and 'done: ' in r.stdout, r.stdout[-2000:]
+
+    # every phase left its product
+    assert (w / 'tokenizer' / 'model.json').exists() and (w / 'model.json').exists()
+    assert list((w / 'samples').glob('*.png'))
+    scores = json.loads((w / 'eval.json').read_text())
+    m = scores
+    # the judge is accurate on real held-out images, and guided samples are far above chance (10 %)
+    assert m['eval/classifier_test_acc'] >= 0.95, m
+    assert m['eval/guided_class_acc'] >= 0.3, m
+    # samples are closer to the real images than the trivial baseline is
+    assert m['eval/fd_guided'] < 0.5 * m['eval/fd_baseline_class_means'], m
+
+    # the same command again resumes: no step is trained twice
+    r2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert 'resumed from' in r2.stdout and 'step 1/' not in r2.stdout, r2.stdout[-2000:]

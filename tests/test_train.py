@@ -1,0 +1,182 @@
+"""VAR training (issue 3): sharded step == one device, exact resume after kill -9, restore on another
+mesh, loss falls, corrupt images skipped, bad configs, the d30 dry run, two processes == one.
+
+Models are tiny (16 px built-in images, 3 scales, depth 2, width 64) so compiles stay short.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from var_jax import checkpoint, config_lib, metrics, train
+from var_jax.models import VQVAEConfig, create
+
+from conftest import REPO
+
+TOK = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
+                  using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))
+OVERRIDES = dict(total_steps=6, batch_size=16, log_every=1, checkpoint_every=2)
+
+
+@pytest.fixture(scope='module')
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp('tok') / 'ckpt'
+    checkpoint.save_model(d, vqvae=create(TOK, seed=3))
+    return d
+
+
+def tiny_config(tokenizer_dir, **kw):
+    c = config_lib.var_recipe(depth=2, batch_size=16, epochs=0, tblr=1e-4, alng=1e-3, wpe=0.1)
+    c.update(OVERRIDES)
+    c.model.update(width=64, num_heads=1, dtype='float32', drop_path_rate=0.0)
+    c.data = config_lib.data_config(source='builtin', image_size=16, workers=0)
+    c.tokenizer.checkpoint = str(tokenizer_dir)
+    c.optim.update(lr=3e-3, wp_epochs=0.001)
+    c.sample.update(per_class=0)
+    for k, v in kw.items():
+        node = c
+        *parents, leaf = k.split('.')
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def cli_args(tokenizer_dir, workdir, **kw) -> list[str]:
+    """The same tiny run as `tiny_config`, as command-line overrides of configs/tiny.py."""
+    args = [f'--config={REPO / "configs" / "tiny.py"}', f'--workdir={workdir}',
+            f'--config.tokenizer.checkpoint={tokenizer_dir}', '--config.model.depth=2', '--config.model.width=64',
+            '--config.model.num_heads=1', '--config.model.drop_path_rate=0.0', '--config.model.patch_nums=(1,2,4)',
+            '--config.model.scan_layers=True', '--config.data.image_size=16', '--config.optim.lr=0.003',
+            '--config.optim.wp_epochs=0.001', '--config.optim.wd=0.05', '--config.optim.wd_end=0.05',
+            '--config.sample.per_class=0', '--config.evaluate=False', '--config.eval_every=0']
+    args += [f'--config.{k}={v}' for k, v in {**OVERRIDES, **kw}.items()]
+    return args
+
+
+def losses(workdir, key='Lm') -> dict[int, float]:
+    return {r['step']: r[key] for r in metrics.read_jsonl(workdir) if key in r}
+
+
+def env8(**extra):
+    env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8', JAX_PLATFORMS='cpu')
+    env.update(extra)
+    return env
+
+
+def test_sharded_step_matches_one_device(tokenizer_dir, tmp_path):
+    one = train.run(tiny_config(tokenizer_dir, **{'mesh.num_devices': 1, 'total_steps': 3}), tmp_path / 'one')
+    sharded = train.run(tiny_config(tokenizer_dir, **{'mesh.data': 2, 'mesh.fsdp': 4, 'total_steps': 3}),
+                        tmp_path / 'sharded')
+    a, b = losses(tmp_path / 'one'), losses(tmp_path / 'sharded')
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=2e-5)
+    assert abs(one['grad_norm'] - sharded['grad_norm']) < 1e-4 * max(1.0, one['grad_norm'])
+
+
+def test_kill_and_resume_reproduces_the_uninterrupted_run(tokenizer_dir, tmp_path):
+    cmd = [sys.executable, '-m', 'var_jax.train'] + cli_args(tokenizer_dir, tmp_path / 'run')
+    killed = subprocess.run(cmd, cwd=REPO, env=env8(VAR_JAX_FAULT_KILL_AT_STEP='3'), capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert checkpoint.TrainCheckpointer(tmp_path / 'run', read_only=True).latest_step() == 2
+    resumed = subprocess.run(cmd, cwd=REPO, env=env8(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert 'resumed from' in resumed.stdout and 'at step 2' in resumed.stdout
+    straight = subprocess.run([sys.executable, '-m', 'var_jax.train'] + cli_args(tokenizer_dir, tmp_path / 'ref'),
+                              cwd=REPO, env=env8(), capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    got, want = metrics.read_jsonl(tmp_path / 'run'), losses(tmp_path / 'ref')
+    after = {r['step']: r['Lm'] for r in got[[i for i, r in enumerate(got) if r['step'] == 3][-1]:] if 'Lm' in r}
+    assert sorted(after) == [3, 4, 5, 6]
+    np.testing.assert_array_equal([after[s] for s in after], [want[s] for s in after])
+
+
+def test_restore_on_another_mesh(tokenizer_dir, tmp_path):
+    w = tmp_path / 'w'
+    train.run(tiny_config(tokenizer_dir, **{'mesh.data': 2, 'mesh.fsdp': 4, 'total_steps': 2}), w)
+    saved = checkpoint.TrainCheckpointer(w, read_only=True)
+    assert saved.latest_step() == 2
+    _, var = checkpoint.load_model(w)  # 8-device checkpoint -> one device
+    leaf = jax.tree.leaves(nnx.state(var, nnx.Param))[0]
+    assert len(leaf.sharding.device_set) == 1
+    # the full training state (optimizer included) continues on a 1-device mesh
+    out = train.run(tiny_config(tokenizer_dir, **{'mesh.num_devices': 1, 'total_steps': 4}), w)
+    assert np.isfinite(out['Lm']) and sorted(losses(w)) == [1, 2, 3, 4]
+
+
+def test_loss_falls(tokenizer_dir, tmp_path):
+    train.run(tiny_config(tokenizer_dir, **{'total_steps': 40, 'log_every': 5, 'checkpoint_every': 40}),
+              tmp_path / 'w')
+    lm = losses(tmp_path / 'w')
+    assert lm[40] < lm[1] - 0.5, lm
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    root = tmp_path / 'images'
+    rng = np.random.default_rng(0)
+    for c in ('a', 'b'):
+        (root / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), np.uint8)).save(root / c / f'{i}.png')
+    (root / 'a' / '3.png').write_bytes(b'not an image')
+    (root / 'b' / '0.png').write_bytes(b'')
+    tok = VQVAEConfig(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
+                      using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))
+    checkpoint.save_model(tmp_path / 'tok', vqvae=create(tok, seed=1))
+    c = tiny_config(tmp_path / 'tok', **{'total_steps': 3, 'batch_size': 8})
+    c.data = config_lib.data_config(source='imagefolder', path=str(root), image_size=16, workers=0)
+    out = train.run(c, tmp_path / 'w')
+    assert out['data_skipped_total'] >= 1 and np.isfinite(out['Lm'])
+
+
+@pytest.mark.parametrize('override,match', [
+    ('--config.batch_size=0', 'batch_size must be >= 1'),
+    ('--config.data.source=nope', 'data.source must be one of'),
+    ('--config.mesh.data=3', 'mesh data=3'),
+    ('--config.model.pn=300', 'model.pn must be one of'),
+])
+def test_bad_config_is_one_line(tokenizer_dir, tmp_path, override, match):
+    args = cli_args(tokenizer_dir, tmp_path / 'w')
+    if 'pn' in override:
+        args = [a for a in args if 'patch_nums' not in a] + ['--config.model.patch_nums=()']
+    r = subprocess.run([sys.executable, '-m', 'var_jax.train'] + args + [override], cwd=REPO, env=env8(),
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.startswith('error:') and match in r.stderr and 'Traceback' not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_d30_dry_run_on_8_devices_with_fsdp(tmp_path):
+    r = subprocess.run([sys.executable, '-m', 'var_jax.train', f'--config={REPO / "configs" / "d30.py"}',
+                        f'--workdir={tmp_path / "w"}', '--dry_run', '--config.batch_size=16', '--config.model.remat=block'],
+                       cwd=REPO, env=env8(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "'fsdp': 8" in r.stdout and 'per-device memory' in r.stdout
+    assert not (tmp_path / 'w' / 'checkpoints').exists(), 'a dry run allocates and writes nothing'
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_same_steps_as_one(tokenizer_dir, tmp_path):
+    args = cli_args(tokenizer_dir, tmp_path / 'multi', total_steps=3)[2:]  # the script adds config/workdir
+    r = subprocess.run(['bash', str(REPO / 'launch' / 'local_multiprocess.sh'), '2'] + args, cwd=REPO,
+                       env=dict(os.environ, DEVICES_PER_PROCESS='4', WORKDIR=str(tmp_path / 'multi'),
+                                CONFIG=str(REPO / 'configs' / 'tiny.py'), PYTHON=sys.executable),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    single = subprocess.run([sys.executable, '-m', 'var_jax.train'] + cli_args(tokenizer_dir, tmp_path / 'single',
+                                                                               total_steps=3),
+                            cwd=REPO, env=env8(), capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    a, b = losses(tmp_path / 'multi'), losses(tmp_path / 'single')
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=2e-5)
+    assert json.loads((tmp_path / 'multi' / 'model.json').read_text())['var']['depth'] == 2

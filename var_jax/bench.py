@@ -1,0 +1,155 @@
+"""Speed benchmarks; one subcommand per workload.
+
+    python -m var_jax.bench sample --model d16 [--batch 1,16,64] [--cfg 1.5 --top_k 900 --top_p 0.96]
+    python -m var_jax.bench sample --checkpoint DIR [--repeats 5] [--dtype bfloat16]
+
+`sample` times class-conditional sampling on one device, as images per second for each batch
+size, with the transformer (`sampling.generate_fhat`: all scales, KV cache, guidance with the
+batch doubled, top-k/top-p) and the tokenizer decode (`vqvae.decode`) timed separately.
+Compilation is excluded: each part is first run `--warmup` times (the first run compiles), then
+`--repeats` timed runs, each ended by `block_until_ready`; the table gives the median.
+`--model` builds random weights (the speed does not depend on them): d16..d30 are the official
+256 px models, d36 the 512 px one, each with the official tokenizer; `tiny` is an 8 px model for
+smoke tests. The table goes to stdout (markdown), progress to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from var_jax import cli, sampling
+from var_jax.models import VARConfig, VQVAEConfig, create, var_config, vqvae_config
+from var_jax.sample import Parser, check_settings
+
+TINY = (VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4)),
+        VARConfig(depth=2, width=64, num_heads=2, vocab_size=64, cvae=8, patch_nums=(1, 2, 3, 4), num_classes=10))
+MODELS = ('tiny', 'd16', 'd20', 'd24', 'd30', 'd36')
+
+
+def preset(name: str, dtype: str) -> tuple[VQVAEConfig, VARConfig]:
+    if name == 'tiny':
+        vq, var = TINY
+    else:
+        var = var_config(int(name[1:]))
+        vq = vqvae_config(patch_nums=var.patch_nums)
+    return vq.replace(dtype=dtype), var.replace(dtype=dtype)
+
+
+def build_models(args):
+    """-> (vqvae, var, description) from --model (random weights) or --checkpoint."""
+    if args.checkpoint:
+        from var_jax.checkpoint import merge_params  # noqa: PLC0415
+        from var_jax.sample import open_checkpoint  # noqa: PLC0415
+
+        ck = open_checkpoint(args.checkpoint, args.step)
+        vqvae, var = ck.load()
+        if args.dtype:  # same parameters, other compute dtype
+            vqvae = merge_params(vqvae.config.replace(dtype=args.dtype), nnx.state(vqvae, nnx.Param))
+            var = merge_params(var.config.replace(dtype=args.dtype), nnx.state(var, nnx.Param))
+        return vqvae, var, f'checkpoint {args.checkpoint}'
+    vq_cfg, var_cfg = preset(args.model, args.dtype or 'float32')
+    print(f'building {args.model} with random weights ...', file=sys.stderr, flush=True)
+    return create(vq_cfg, seed=0), create(var_cfg, seed=1), f'--model {args.model} (random weights)'
+
+
+@nnx.jit
+def _decode(vqvae, f_hat):
+    return (vqvae.decode(f_hat) + 1) / 2
+
+
+def timed(fn, warmup: int, repeats: int) -> tuple[float, list[float], object]:
+    """-> (first call's seconds, compile included; timed runs' seconds; last output)."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    for _ in range(warmup - 1):
+        out = jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return first, times, out
+
+
+def bench_sample(args) -> int:
+    s = check_settings(args.cfg, args.top_k, args.top_p, False)
+    batches = _int_list(args.batch, '--batch')
+    if args.warmup < 1 or args.repeats < 1:
+        raise ValueError('--warmup and --repeats must be >= 1')
+    vqvae, var, what = build_models(args)
+    c = var.config
+    rows = []
+    for b in batches:
+        labels = np.arange(b, dtype=np.int32) % c.num_classes
+        key = jax.random.key(args.seed)
+        print(f'batch {b}: transformer ...', file=sys.stderr, flush=True)
+        gen_first, gen, (_, f_hat) = timed(
+            lambda: sampling.generate_fhat(var, vqvae, labels, key, s.cfg, s.top_k, s.top_p), args.warmup, args.repeats)
+        print(f'batch {b}: decode ...', file=sys.stderr, flush=True)
+        dec_first, dec, _ = timed(lambda: _decode(vqvae, f_hat), args.warmup, args.repeats)
+        g, d = statistics.median(gen), statistics.median(dec)
+        rows.append((b, g, d, gen_first - g, dec_first - d))
+    dev = jax.devices()[0]
+    print(f'# sample: {what}, depth {c.depth}, {vqvae.config.image_size} px, {c.L} tokens, dtype {c.dtype}')
+    kind = dev.device_kind if dev.device_kind == dev.platform else f'{dev.platform} {dev.device_kind}'
+    print(f'# device: {kind} (1 of {jax.device_count()}); {s.describe()}; '
+          f'median of {args.repeats} after {args.warmup} warm-up')
+    print('| batch | transformer s | decode s | transformer img/s | decode img/s | total img/s | compile s (approx) |')
+    print('|---:|---:|---:|---:|---:|---:|---:|')
+    for b, g, d, gc, dc in rows:
+        print(f'| {b} | {_num(g)} | {_num(d)} | {_num(b / g)} | {_num(b / d)} | {_num(b / (g + d))} | {_num(gc + dc)} |')
+    return 0
+
+
+def _num(v: float) -> str:
+    return f'{v:.3g}' if v < 1000 else f'{v:,.0f}'
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        out = [int(t) for t in text.split(',') if t.strip()]
+    except ValueError:
+        raise ValueError(f'{flag} must be comma-separated integers, got {text!r}') from None
+    if not out or min(out) < 1:
+        raise ValueError(f'{flag} must be positive integers, got {text!r}')
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(prog='python -m var_jax.bench', description=__doc__.split('\n\n')[0], allow_abbrev=False,
+               formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 1)[1])
+    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND', parser_class=Parser)
+
+    s = sub.add_parser('sample', help='sampling throughput (transformer and decode)', allow_abbrev=False)
+    model = s.add_mutually_exclusive_group(required=True)
+    model.add_argument('--model', choices=MODELS, help='official architecture with random weights')
+    model.add_argument('--checkpoint', help='converted checkpoint or training workdir')
+    s.add_argument('--step', type=int, help='training workdirs: the step to load (default: the latest)')
+    s.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'),
+                   help='compute dtype (default: float32, or the checkpoint\'s)')
+    s.add_argument('--batch', default='1,16,64', help='comma-separated batch sizes (default 1,16,64)')
+    s.add_argument('--cfg', type=float, default=1.5, help='guidance scale (default 1.5); the sampler always runs the doubled '
+                                                        '(class + null class) batch, whatever the scale')
+    s.add_argument('--top_k', type=int, default=900, help='default 900')
+    s.add_argument('--top_p', type=float, default=0.96, help='default 0.96')
+    s.add_argument('--seed', type=int, default=0)
+    s.add_argument('--warmup', type=int, default=1, help='untimed runs first (the first compiles; default 1)')
+    s.add_argument('--repeats', type=int, default=5, help='timed runs; the median is reported (default 5)')
+    s.set_defaults(run=bench_sample)
+    # Further workloads (e.g. training) add their own subparser here with `set_defaults(run=...)`.
+    return p
+
+
+def main(argv=None) -> int:
+    return cli.run(lambda: (lambda a: a.run(a))(build_parser().parse_args(argv)))
+
+
+if __name__ == '__main__':
+    sys.exit(main())
