@@ -16,9 +16,11 @@ from conftest import REPO
 @pytest.mark.slow
 def test_main_job_trains_samples_and_scores(tmp_path):
     w = tmp_path / 'tiny'
-    cmd = [sys.executable, '-m', 'var_jax.train', f'--config={REPO / "configs" / "tiny.py"}:ci', f'--workdir={w}']
+    # as the README runs it: a relative workdir (Orbax itself only takes absolute paths)
+    cmd = [sys.executable, '-m', 'var_jax.train', f'--config={REPO / "configs" / "tiny.py"}:ci', '--workdir=tiny']
     env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # one CPU device, as a user has
-    r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    env['PYTHONPATH'] = str(REPO)
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     assert 'eta' in r.stdout and 'done: ' in r.stdout, r.stdout[-2000:]
 
@@ -34,6 +36,6 @@ def test_main_job_trains_samples_and_scores(tmp_path):
     assert m['eval/fd_guided'] < 0.5 * m['eval/fd_baseline_class_means'], m
 
     # the same command again resumes: no step is trained twice
-    r2 = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
+    r2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert 'resumed from' in r2.stdout and 'step 1/' not in r2.stdout, r2.stdout[-2000:]

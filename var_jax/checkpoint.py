@@ -69,6 +69,11 @@ def merge_params(cfg, params):
 
 
 # ---------------------------------------------------------------------------- model checkpoints
+def abspath(path) -> epath.Path:
+    """An absolute path (Orbax refuses relative ones); URLs such as gs://... pass unchanged."""
+    return epath.Path(path) if '://' in str(path) else epath.Path(os.path.abspath(os.fspath(path)))
+
+
 def _this_process_only() -> ocp.StandardCheckpointer:
     # Model checkpoints are small, host-local files: each process reads its own copy and process 0
     # alone writes one, so no barrier may wait for the other processes of a multi-host run.
@@ -79,7 +84,7 @@ def _this_process_only() -> ocp.StandardCheckpointer:
 
 def save_model(out, *, vqvae, var=None, overwrite: bool = False, source: dict | None = None) -> None:
     """Write a model checkpoint directory atomically (temporary sibling, then rename)."""
-    out = epath.Path(out)
+    out = abspath(out)
     if out.exists() and not overwrite:
         raise ValueError(f'{out} exists; pass --force to overwrite')
     if var is not None:
@@ -104,7 +109,7 @@ def save_model(out, *, vqvae, var=None, overwrite: bool = False, source: dict | 
 
 def load_model(path, *, step: int | None = None, need_var: bool = False, shardings=None):
     """Model checkpoint or training workdir -> (VQVAE, VAR or None), float32 NNX modules."""
-    path = epath.Path(path)
+    path = abspath(path)
     if not path.exists():
         raise ValueError(f'{path}: no such checkpoint directory')
     vq_cfg, var_cfg, meta = read_model_json(path)
@@ -156,7 +161,7 @@ class TrainCheckpointer:
     """
 
     def __init__(self, workdir, *, keep: int | None = 3, async_save: bool = True, read_only: bool = False):
-        self.workdir = epath.Path(workdir)
+        self.workdir = abspath(workdir)
         if read_only:  # what Orbax would otherwise warn that it overrides
             keep = None
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,

@@ -194,7 +194,7 @@ def run(config, workdir, *, dry_run: bool = False) -> dict:
     """Train the tokenizer first when the config asks for it, then VAR; returns final metrics."""
     config_lib.check(config, 'var')
     distributed.maybe_initialize()  # before the tokenizer is loaded: that touches the backend
-    workdir = epath.Path(workdir)
+    workdir = checkpoint.abspath(workdir)
     if not config.tokenizer.checkpoint and config.tokenizer.get('train') and not dry_run:
         from var_jax import train_tokenizer  # noqa: PLC0415
 

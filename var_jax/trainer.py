@@ -49,7 +49,7 @@ class Task:
     export = ('var',)  # params saved in the checkpoint's `params` item (what inference loads)
 
     def __init__(self, config, workdir):
-        self.config, self.workdir = config, epath.Path(workdir)
+        self.config, self.workdir = config, checkpoint.abspath(workdir)
 
     # --- models and state
     def model_configs(self) -> dict:  # -> {'vqvae': VQVAEConfig | None, 'var': VARConfig | None, ...extra json}
@@ -276,7 +276,7 @@ class _Stop:
 def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
     """Train `task` into `workdir` (resuming if it holds checkpoints). Returns final metrics."""
     distributed.maybe_initialize()
-    workdir = epath.Path(workdir)
+    workdir = checkpoint.abspath(workdir)
     data_cfg = config.data
 
     if dry_run:  # abstract shapes only: no data, no weights
