@@ -71,3 +71,14 @@ def tiny_vqvae():
 @pytest.fixture(scope='session')
 def tiny_var():
     return create(TINY_VAR, seed=1)
+
+
+def override(config, **dotted):
+    """Set `config` fields by dotted name (`override(c, **{'optim.lr': 1e-3})`); returns config."""
+    for key, value in dotted.items():
+        node = config
+        *parents, leaf = key.split('.')
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config

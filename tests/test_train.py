@@ -19,7 +19,7 @@ from PIL import Image
 from var_jax import checkpoint, config_lib, metrics, train
 from var_jax.models import VQVAEConfig, create
 
-from conftest import REPO
+from conftest import REPO, override
 
 TOK = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
                   using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))
@@ -41,13 +41,7 @@ def tiny_config(tokenizer_dir, **kw):
     c.tokenizer.checkpoint = str(tokenizer_dir)
     c.optim.update(lr=3e-3, wp_epochs=0.001)
     c.sample.update(per_class=0)
-    for k, v in kw.items():
-        node = c
-        *parents, leaf = k.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return override(c, **kw)
 
 
 def cli_args(tokenizer_dir, workdir, **kw) -> list[str]:

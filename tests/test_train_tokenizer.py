@@ -12,6 +12,8 @@ from flax import nnx
 from var_jax import checkpoint, config_lib, metrics, train_tokenizer
 from var_jax.models import create
 
+from conftest import override
+
 
 def tiny_config(**kw):
     c = config_lib.tokenizer_tiny()
@@ -19,13 +21,7 @@ def tiny_config(**kw):
     c.data.image_size = 16
     c.update(batch_size=16, total_steps=6, log_every=1, checkpoint_every=3, eval_batches=1)
     c.codebook.reseed_every = 10
-    for k, v in kw.items():
-        node = c
-        *parents, leaf = k.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return override(c, **kw)
 
 
 def records(workdir):
