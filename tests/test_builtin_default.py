@@ -38,7 +38,10 @@ def test_main_job_trains_samples_and_scores(tmp_path):
     assert m['eval/guided_class_acc'] > m['eval/unguided_class_acc'], m
     assert m['eval/fd_guided'] < 0.7 * m['eval/fd_baseline_noise'], m
 
-    # the same command again resumes: no step is trained twice
+    # the same command again resumes both phases, finds them finished and reuses the score
     r2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    assert 'resumed from' in r2.stdout and 'step 1/' not in r2.stdout, r2.stdout[-2000:]
+    assert r2.stdout.count('resumed from') == 2 and r2.stdout.count('already complete') == 2, r2.stdout[-2000:]
+    assert 'step 1/' not in r2.stdout and 'score of this finished run' in r2.stdout, r2.stdout[-2000:]
+    assert json.loads((w / 'eval.json').read_text()) == scores
+    assert f'eval/guided_class_acc {scores["eval/guided_class_acc"]:.4g}' in r2.stdout

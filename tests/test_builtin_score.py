@@ -11,6 +11,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -142,6 +143,24 @@ def test_cli_table(judge, tiny_workdir, capsys):
     assert 'class accuracy, guided samples' in out and 'baseline: per-pixel noise' in out
     assert f'written to {tiny_workdir}/eval.json' in out
     assert json.loads((tiny_workdir / 'eval.json').read_text())['settings']['cfg'] == 1.0
+
+
+def test_stored_score_only_for_the_same_settings_and_checkpoint(judge, tiny_workdir, tmp_path):
+    saved = json.loads((tiny_workdir / 'eval.json').read_text())
+    same = dict(per_class=3, cfg=1.0, top_k=0, top_p=0.0, seed=0)  # what test_cli_table measured
+    assert builtin_score.stored_score(tiny_workdir, **same) == {k: saved[k] for k in KEYS}
+    for change in ({'per_class': 4}, {'cfg': 2.0}, {'top_k': 5}, {'top_p': 0.9}, {'seed': 1}):
+        assert builtin_score.stored_score(tiny_workdir, **{**same, **change}) is None, change
+    # a checkpoint saved after the score makes it stale
+    w = tmp_path / 'w'
+    (w / 'checkpoints' / '10').mkdir(parents=True)
+    (w / 'eval.json').write_text(json.dumps(saved))
+    assert builtin_score.stored_score(w, **same) is not None
+    (w / 'checkpoints' / '20').mkdir()
+    os.utime(w / 'checkpoints' / '20', (time.time() + 5, time.time() + 5))
+    assert builtin_score.stored_score(w, **same) is None
+    (w / 'eval.json').write_text('{"eval/x": ')  # torn file: score again
+    assert builtin_score.stored_score(w, **same) is None
 
 
 def _json_workdir(root, name, *, var=True, config=None, class_names=None):

@@ -76,6 +76,20 @@ def test_sample_shapes_seeds_and_no_recompile(tiny_var, tiny_vqvae):
     assert not np.array_equal(img, img3)
 
 
+def test_cfg_zero_skips_the_null_class_rows_without_changing_samples(tiny_var, tiny_vqvae):
+    labels = np.array([1, 4, 9])
+    img, idx, logits = sampling.sample(tiny_var, tiny_vqvae, labels, jax.random.key(2), cfg=0.0, top_k=5,
+                                       top_p=0.0, return_logits=True)
+    # the doubled-batch program with a (traced) guidance of 0: the same logits and tokens
+    keys = sampling.row_keys(jax.random.key(2), 3)
+    img2, idx2, _, logits2 = sampling._sample_jit(tiny_var, tiny_vqvae, jnp.asarray(labels, jnp.int32), keys,
+                                                  jnp.float32(0), jnp.int32(5), jnp.float32(0), return_logits=True)
+    np.testing.assert_allclose(logits, logits2, atol=1e-5)
+    for a, b in zip(idx, idx2):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(img, img2, atol=1e-6)
+
+
 def test_rows_do_not_depend_on_the_batch(tiny_var, tiny_vqvae):
     keys = jax.random.split(jax.random.key(0), 4)
     _, a = sampling.sample(tiny_var, tiny_vqvae, np.array([1, 2, 3, 4]), keys, cfg=2.0, top_k=0, top_p=0.0)

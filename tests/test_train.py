@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -81,9 +82,17 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tokenizer_dir, tmp_pat
     killed = subprocess.run(cmd, cwd=REPO, env=env8(VAR_JAX_FAULT_KILL_AT_STEP='3'), capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert checkpoint.TrainCheckpointer(tmp_path / 'run', read_only=True).latest_step() == 2
+    ckpts = tmp_path / 'run' / checkpoint.CHECKPOINTS
+    torn = ckpts / '3.orbax-checkpoint-tmp-1795000000000000'  # what a kill during a save leaves
+    shutil.copytree(ckpts / '2', torn)
     resumed = subprocess.run(cmd, cwd=REPO, env=env8(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert 'resumed from' in resumed.stdout and 'at step 2' in resumed.stdout
+    assert not torn.exists()
+    records = len(metrics.read_jsonl(tmp_path / 'run'))
+    again = subprocess.run(cmd, cwd=REPO, env=env8(), capture_output=True, text=True)  # a finished run
+    assert again.returncode == 0 and 'already complete at step 6' in again.stdout, again.stderr[-2000:]
+    assert len(metrics.read_jsonl(tmp_path / 'run')) == records, 'nothing trained or logged again'
     straight = subprocess.run([sys.executable, '-m', 'var_jax.train'] + cli_args(tokenizer_dir, tmp_path / 'ref'),
                               cwd=REPO, env=env8(), capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-2000:]

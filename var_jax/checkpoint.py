@@ -166,7 +166,9 @@ class TrainCheckpointer:
             keep = None
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                                save_interval_steps=0 if read_only else 1,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save,
+                                               # a save cut short (kill, preemption) leaves Orbax's tmp dir
+                                               cleanup_tmp_directories=not read_only)
         import grain  # noqa: PLC0415
 
         # handlers registered up front, so metadata (which models a step holds) is readable

@@ -70,22 +70,28 @@ TRACE_COUNT = {'generate': 0}  # incremented when the sampler is traced (tests c
 
 
 def _generate(var: VAR, vqvae: VQVAE, labels, keys, cfg, top_k, top_p, more_smooth: bool,
-              teacher=None, return_logits: bool = False):
-    """Traceable next-scale loop. labels (B,), keys (B,) PRNG keys -> (idx_list, f_hat, logits)."""
+              teacher=None, return_logits: bool = False, guided: bool = True):
+    """Traceable next-scale loop. labels (B,), keys (B,) PRNG keys -> (idx_list, f_hat, logits).
+
+    `guided=False` (static; only for cfg == 0, where the null-class half has weight 0) skips the
+    null-class rows: half the work, the same tokens.
+    """
     TRACE_COUNT['generate'] += 1
     vc, pns = var.config, var.config.patch_nums
     b, sn = labels.shape[0], len(pns)
-    cond, block_cond = var.condition(jnp.concatenate([labels, jnp.full_like(labels, vc.num_classes)]))
-    cache = var.init_cache(2 * b)
+    rows = jnp.concatenate([labels, jnp.full_like(labels, vc.num_classes)]) if guided else labels
+    cond, block_cond = var.condition(rows)
+    cache = var.init_cache(rows.shape[0])
     x = var.first_input(cond)
     f_hat = jnp.zeros((b, vqvae.config.latent_size, vqvae.config.latent_size, vqvae.config.z_channels), F32)
     codebook = vqvae.quantize.codebook()
-    idx_list, guided = [], []
+    idx_list, used_logits = [], []
     for si, pn in enumerate(pns):
         ratio = si / max(sn - 1, 1)
         logits, cache = var.step(si, x, cond, block_cond, cache)
-        t = cfg * ratio
-        logits = (1 + t) * logits[:b] - t * logits[b:]
+        if guided:
+            t = cfg * ratio
+            logits = (1 + t) * logits[:b] - t * logits[b:]
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, si))(keys)
         idx, soft = jax.vmap(lambda k, lg: sample_tokens(k, lg, top_k, top_p, more_smooth, ratio, codebook))(
             step_keys, logits)
@@ -98,18 +104,18 @@ def _generate(var: VAR, vqvae: VQVAE, labels, keys, cfg, top_k, top_p, more_smoo
         f_hat, nxt = vqvae.quantize.next_input(si, f_hat, h.reshape(b, pn, pn, -1))
         if nxt is not None:
             x = var.scale_input(si + 1, nxt)
-            x = jnp.concatenate([x, x])
+            x = jnp.concatenate([x, x]) if guided else x
         idx_list.append(idx.astype(jnp.int32))
         if return_logits:
-            guided.append(logits)
-    return idx_list, f_hat, (jnp.concatenate(guided, 1) if return_logits else None)
+            used_logits.append(logits)
+    return idx_list, f_hat, (jnp.concatenate(used_logits, 1) if return_logits else None)
 
 
-@nnx.jit(static_argnames=('more_smooth', 'return_logits', 'decode'))
+@nnx.jit(static_argnames=('more_smooth', 'return_logits', 'decode', 'guided'))
 def _sample_jit(var, vqvae, labels, keys, cfg, top_k, top_p, teacher=None, *, more_smooth=False,
-                return_logits=False, decode=True):
+                return_logits=False, decode=True, guided=True):
     idx_list, f_hat, logits = _generate(var, vqvae, labels, keys, cfg, top_k, top_p, more_smooth, teacher,
-                                        return_logits)
+                                        return_logits, guided)
     images = (vqvae.decode(f_hat) + 1) / 2 if decode else None
     return images, idx_list, f_hat, logits
 
@@ -136,6 +142,11 @@ def row_keys(key, batch: int) -> jax.Array:
     return key
 
 
+def _guided(cfg) -> bool:
+    """False only for a concrete cfg of 0; a traced cfg keeps the null-class rows."""
+    return isinstance(cfg, jax.core.Tracer) or float(cfg) != 0.0
+
+
 def check_sampling_args(var: VAR, labels, cfg, top_k, top_p):
     if not isinstance(labels, jax.Array):
         labels = np.asarray(labels)  # host labels: checked without a device round trip
@@ -160,7 +171,8 @@ def sample(var: VAR, vqvae: VQVAE, labels, key, cfg: float = 1.5, top_k: int = 9
     """Class-conditional samples: -> (images NHWC float32 in [0, 1], idx_list [(B, pn*pn) int32]).
 
     `key` is one PRNG key (row i uses fold_in(key, i)) or one key per label. `cfg`, `top_k` and
-    `top_p` are traced: changing them does not recompile; a new batch size does.
+    `top_p` are traced: changing them does not recompile; a new batch size does, and so does
+    switching between cfg == 0 (sampled without the null-class rows) and cfg > 0.
     With `return_logits` a third value holds the guided logits the sampler drew from (B, L, V).
     """
     check_pair(vqvae.config, var.config)
@@ -168,7 +180,7 @@ def sample(var: VAR, vqvae: VQVAE, labels, key, cfg: float = 1.5, top_k: int = 9
     keys = row_keys(key, labels.shape[0])
     images, idx_list, _, logits = _sample_jit(
         var, vqvae, labels, keys, jnp.asarray(cfg, F32), jnp.asarray(top_k, jnp.int32), jnp.asarray(top_p, F32),
-        teacher, more_smooth=bool(more_smooth), return_logits=return_logits)
+        teacher, more_smooth=bool(more_smooth), return_logits=return_logits, guided=_guided(cfg))
     return (images, idx_list, logits) if return_logits else (images, idx_list)
 
 
@@ -177,5 +189,5 @@ def generate_fhat(var: VAR, vqvae: VQVAE, labels, key, cfg=1.5, top_k=900, top_p
     labels = check_sampling_args(var, labels, cfg, top_k, top_p)
     _, idx_list, f_hat, _ = _sample_jit(
         var, vqvae, labels, row_keys(key, labels.shape[0]), jnp.asarray(cfg, F32), jnp.asarray(top_k, jnp.int32),
-        jnp.asarray(top_p, F32), more_smooth=bool(more_smooth), decode=False)
+        jnp.asarray(top_p, F32), more_smooth=bool(more_smooth), decode=False, guided=_guided(cfg))
     return idx_list, f_hat

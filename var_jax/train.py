@@ -210,8 +210,12 @@ def run(config, workdir, *, dry_run: bool = False) -> dict:
             from var_jax.eval import builtin_score  # noqa: PLC0415
 
             s = config.sample
-            out.update(builtin_score.evaluate_workdir(workdir, per_class=config.get('score_per_class', 100),
-                                                      cfg=s.cfg, top_k=s.top_k, top_p=s.top_p, seed=s.seed))
+            settings = dict(per_class=config.get('score_per_class', 100), cfg=s.cfg, top_k=s.top_k,
+                            top_p=s.top_p, seed=s.seed)
+            stored = builtin_score.stored_score(workdir, **settings) if task.already_complete else None
+            if stored is not None:
+                print(f'[eval] score of this finished run, from {workdir / builtin_score.EVAL_FILE}', flush=True)
+            out.update(stored or builtin_score.evaluate_workdir(workdir, **settings))
     if jax.process_index() == 0:
         print(summary(workdir, out), flush=True)
     return out

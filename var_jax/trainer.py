@@ -47,6 +47,7 @@ class Task:
 
     name = 'task'
     export = ('var',)  # params saved in the checkpoint's `params` item (what inference loads)
+    already_complete = False  # set by `run`: the workdir held a finished run (nothing was trained)
 
     def __init__(self, config, workdir):
         self.config, self.workdir = config, checkpoint.abspath(workdir)
@@ -317,6 +318,16 @@ def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
                                       ema={k: placed.get(k, v) for k, v in state.ema.items()})
                 print(f'[{task.name}] initialised {", ".join(pre)} from {config.init_from}', flush=True)
     start = int(state.step)
+    done = _final_record(workdir, s.total_steps) if start >= s.total_steps else None
+    if done is not None:  # re-running a finished run: its final evaluation is on record, nothing to do
+        ckpt.close()
+        if hasattr(data_iter, 'close'):
+            data_iter.close()
+        if jax.process_index() == 0:
+            print(f'[{task.name}] already complete at step {start}; nothing to train', flush=True)
+        task.already_complete = True
+        return done
+    task.already_complete = False
     compiled, report = compile_step(task, s, config, data_cfg.image_size)
     if jax.process_index() == 0:
         print(f'[{task.name}] {report}', flush=True)
@@ -392,6 +403,13 @@ def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
         writer.close()
         if hasattr(data_iter, 'close'):
             data_iter.close()
-    task.final_state = state
-    task.frozen_arrays = s.frozen
     return last
+
+
+def _final_record(workdir, total_steps: int) -> dict | None:
+    """The `final/*` metrics logged at `total_steps` (without the prefix), or None when the run
+    stopped before its final evaluation was logged (then the evaluation runs again)."""
+    for rec in reversed(metrics.read_jsonl(workdir)):
+        if rec.get('step') == total_steps and any(k.startswith('final/') for k in rec):
+            return {k[len('final/'):]: v for k, v in rec.items() if k.startswith('final/')}
+    return None

@@ -229,6 +229,29 @@ def score(workdir, *, per_class: int = 100, cfg: float | None = None, top_k: int
     return out, settings
 
 
+def stored_score(workdir, *, per_class: int, cfg: float, top_k: int, top_p: float, seed: int) -> dict | None:
+    """The metrics in `workdir/eval.json` if they were measured with these settings on the
+    workdir's latest checkpoint (written after it), else None."""
+    w = epath.Path(workdir)
+    path = w / EVAL_FILE
+    if not path.exists():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        got = stored['settings']
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+        return None  # unreadable: score again (and overwrite it)
+    want = {'per_class': per_class, 'cfg': float(cfg if cfg is not None else got.get('cfg', -1)),
+            'top_k': int(top_k), 'top_p': float(top_p), 'seed': seed}
+    if any(got.get(k) != v for k, v in want.items()):
+        return None
+    ckpts = w / 'checkpoints'
+    steps = [p for p in ckpts.iterdir() if p.name.isdigit()] if ckpts.exists() else []
+    if steps and max(p.stat().mtime for p in steps) > path.stat().mtime:
+        return None  # a newer checkpoint than the score
+    return {k: v for k, v in stored.items() if k.startswith('eval/')}
+
+
 def _write_json(path: epath.Path, payload: dict) -> None:
     tmp = path.parent / f'.{path.name}.{uuid.uuid4().hex[:8]}'
     tmp.write_text(json.dumps(payload, indent=1))
