@@ -4,11 +4,32 @@ Compile time dominates on a 2-core CPU, so models are tiny and built once per se
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
+import tempfile
 
-import jax
+# Compilation dominates the suite on a 2-core CPU, and many tests (and the subprocesses of the CLI
+# and resume tests, which inherit this environment) compile the same programs: share them through
+# JAX's persistent cache, in a directory that lives only as long as this session.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    _jit_cache = tempfile.mkdtemp(prefix='var_jax_test_jit_cache_')
+    atexit.register(shutil.rmtree, _jit_cache, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_jit_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
+
+
+
+def no_jit_cache(env) -> dict:
+    """`env` without the session's persistent compilation cache. The ranks of a multi-process run
+    sharing one cache directory aborted once in the suite (SIGABRT after a long stall; not
+    reproduced alone), so the multi-process test compiles from scratch."""
+    return {k: v for k, v in env.items() if not k.startswith(('JAX_COMPILATION_CACHE', 'JAX_PERSISTENT_CACHE'))}
+
+
+import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
 

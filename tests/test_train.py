@@ -20,7 +20,7 @@ from PIL import Image
 from var_jax import checkpoint, config_lib, metrics, train
 from var_jax.models import VQVAEConfig, create
 
-from conftest import REPO, override
+from conftest import REPO, no_jit_cache, override
 
 TOK = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
                   using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))
@@ -171,10 +171,10 @@ def test_d30_dry_run_on_8_devices_with_fsdp(tmp_path):
 def test_two_processes_take_the_same_steps_as_one(tokenizer_dir, tmp_path):
     args = cli_args(tokenizer_dir, tmp_path / 'multi', total_steps=3)[2:]  # the script adds config/workdir
     r = subprocess.run(['bash', str(REPO / 'launch' / 'local_multiprocess.sh'), '2'] + args, cwd=REPO,
-                       env=dict(os.environ, DEVICES_PER_PROCESS='4', WORKDIR=str(tmp_path / 'multi'),
+                       env=dict(no_jit_cache(os.environ), DEVICES_PER_PROCESS='4', WORKDIR=str(tmp_path / 'multi'),
                                 CONFIG=str(REPO / 'configs' / 'tiny.py'), PYTHON=sys.executable),
                        capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert r.returncode == 0, f'{r.stdout[-2000:]}\n{r.stderr[-4000:]}'
     single = subprocess.run([sys.executable, '-m', 'var_jax.train'] + cli_args(tokenizer_dir, tmp_path / 'single',
                                                                                total_steps=3),
                             cwd=REPO, env=env8(), capture_output=True, text=True)

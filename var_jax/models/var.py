@@ -258,7 +258,8 @@ class VAR(nnx.Module):
         """All blocks via one scanned block. `cache`: (k, v) stacked over depth, or None."""
         cfg = self.config
         dprs = jnp.asarray(np.linspace(0.0, cfg.dpr, cfg.depth), F32)
-        keys = None if rng is None else jax.random.split(rng, cfg.depth)
+        # drop-path at rate 0 is the identity (the official code builds nn.Identity): no keys, no masks
+        keys = None if rng is None or cfg.dpr == 0 else jax.random.split(rng, cfg.depth)
 
         def block_fn(block, x, layer_cache, dpr, key):
             return block(x, block_cond, mask=mask, cache=layer_cache, start=start, drop_rate=dpr, rng=key)
