@@ -48,6 +48,19 @@ _Progress = metrics.CountProgress
 
 
 # ---------------------------------------------------------------------------- features
+
+def overlapped(items: Iterable, dispatch, collect) -> None:
+    """`collect(dispatch(item))` for every item, in order, but each result is collected only after
+    the next item is dispatched: one batch runs on the devices while the host reads the next."""
+    pending = None
+    for item in items:
+        handle = dispatch(item)
+        if pending is not None:
+            collect(pending)
+        pending = handle
+    if pending is not None:
+        collect(pending)
+
 class FeatureExtractor:
     """Inception features of uint8 NHWC batches, data parallel over a 1-D mesh of devices.
 
@@ -102,15 +115,8 @@ class FeatureExtractor:
                 parts[k].append(np.asarray(out[k])[:n])
             bar.update(n)
 
-        pending = None
         try:
-            for batch in batches:
-                nxt = self._dispatch(batch)
-                if pending is not None:
-                    collect(pending)
-                pending = nxt
-            if pending is not None:
-                collect(pending)
+            overlapped(batches, self._dispatch, collect)
         finally:
             bar.close()
         return {k: np.concatenate(v) for k, v in parts.items()}

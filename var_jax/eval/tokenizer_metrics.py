@@ -222,15 +222,8 @@ def evaluate(vqvae, batches: Iterable, *, lpips_params=None, inception: Inceptio
             if max_images is not None and read >= max_images:
                 return
 
-    pending = None
-    try:
-        for images, valid in chunks():
-            handle = rec.dispatch(images, valid)  # runs while the next batch is decoded on the host
-            if pending is not None:
-                collect(pending)
-            pending = handle
-        if pending is not None:
-            collect(pending)
+    try:  # one batch runs while the next is decoded on the host
+        adm.overlapped(chunks(), lambda batch: rec.dispatch(*batch), collect)
     finally:
         bar.close()
 
