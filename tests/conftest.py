@@ -20,15 +20,6 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     os.environ.update(JAX_COMPILATION_CACHE_DIR=_jit_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
 
-
-
-def no_jit_cache(env) -> dict:
-    """`env` without the session's persistent compilation cache. The ranks of a multi-process run
-    sharing one cache directory aborted once in the suite (SIGABRT after a long stall; not
-    reproduced alone), so the multi-process test compiles from scratch."""
-    return {k: v for k, v in env.items() if not k.startswith(('JAX_COMPILATION_CACHE', 'JAX_PERSISTENT_CACHE'))}
-
-
 import jax  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
@@ -41,6 +32,13 @@ from var_jax.models import VARConfig, VQVAEConfig, create  # noqa: E402
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get('VAR_JAX_FIXTURES', REPO.parent / 'shared' / 'fixtures'))
 FIXTURE_NAMES = ('var_tiny', 'var_tiny_saln')
+
+
+def no_jit_cache(env) -> dict:
+    """`env` without the session's persistent compilation cache. The ranks of a multi-process run
+    sharing one cache directory aborted once in the suite (SIGABRT after a long stall; not
+    reproduced alone), so the multi-process test compiles from scratch."""
+    return {k: v for k, v in env.items() if not k.startswith(('JAX_COMPILATION_CACHE', 'JAX_PERSISTENT_CACHE'))}
 
 
 def fixture_dir(name: str) -> pathlib.Path:
