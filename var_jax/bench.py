@@ -2,6 +2,7 @@
 
     python -m var_jax.bench sample --model d16 [--batch 1,16,64] [--cfg 1.5 --top_k 900 --top_p 0.96]
     python -m var_jax.bench sample --checkpoint DIR [--repeats 5] [--dtype bfloat16]
+    python -m var_jax.bench train --config configs/tiny.py [--batch 16,32] [--baseline autodiff_norm]
 
 `sample` times class-conditional sampling on one device, as images per second for each batch
 size, with the transformer (`sampling.generate_fhat`: all scales, KV cache, guidance with the
@@ -10,20 +11,33 @@ Compilation is excluded: each part is first run `--warmup` times (the first run 
 `--repeats` timed runs, each ended by `block_until_ready`; the table gives the median.
 `--model` builds random weights (the speed does not depend on them): d16..d30 are the official
 256 px models, d36 the 512 px one, each with the official tokenizer; `tiny` is an 8 px model for
-smoke tests. The table goes to stdout (markdown), progress to stderr.
+smoke tests.
+
+`train` times the VAR train step of a training config (the jitted step of `var_jax.train`:
+tokenizer encode, VAR forward and backward, AdamW) on random images, with random weights for the
+config's tokenizer (its `tokenizer.train.model`, else the official one). `--baseline
+autodiff_norm` also times the same step with JAX's autodiff of LayerNorm instead of the
+hand-written backward (`models.var.layer_norm`) and reports the ratio, both measured in the
+same process, interleaved run by run so that load on the machine hits both alike.
+
+The table goes to stdout (markdown), progress to stderr.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import statistics
 import sys
+import tempfile
 import time
+from unittest import mock
 
 import jax
 import numpy as np
 from flax import nnx
 
-from var_jax import cli, sampling
+from var_jax import cli, config_lib, sampling
 from var_jax.models import VARConfig, VQVAEConfig, create, var_config, vqvae_config
 from var_jax.sample import Parser, check_settings
 
@@ -108,6 +122,95 @@ def bench_sample(args) -> int:
     return 0
 
 
+def load_config(spec: str):
+    """'path/to/config.py[:arg]' -> the ConfigDict its get_config(arg) returns."""
+    path, _, arg = spec.partition(':')
+    try:
+        module_spec = importlib.util.spec_from_file_location('bench_config', path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except FileNotFoundError:
+        raise ValueError(f'--config: no such file {path}') from None
+    if not hasattr(module, 'get_config'):
+        raise ValueError(f'--config: {path} has no get_config()')
+    return module.get_config(arg or None)
+
+
+def _train_step_program(config, batch: int, baseline: bool):
+    """-> (compiled step, initial state, one batch, frozen tokenizer params, model description)."""
+    from var_jax import trainer  # noqa: PLC0415
+    from var_jax.models import var as var_module  # noqa: PLC0415
+    from var_jax.train import VARTask  # noqa: PLC0415
+    from var_jax.train_tokenizer import vqvae_config_from  # noqa: PLC0415
+
+    config = config.copy_and_resolve_references()
+    config.batch_size = batch
+    config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)  # one device, as every workload here
+    if not config.model.num_classes:
+        config.model.num_classes = 10 if config.data.source == 'builtin' else 1000
+    t = config.tokenizer.get('train')
+    vq_cfg = vqvae_config_from(t.model) if t and 'model' in t else vqvae_config(
+        patch_nums=config_lib.patch_nums_of(config.model))
+    size = vq_cfg.image_size if config.data.image_size != vq_cfg.image_size else config.data.image_size
+    config.data.image_size = size
+    task = VARTask(config, tempfile.gettempdir(), tokenizer=create(vq_cfg, seed=0))
+    s = trainer.setup(task, config, dataset_size=int(config.data.get('size_hint', trainer.IMAGENET_TRAIN)),
+                      image_size=size)
+    patch = (mock.patch.object(var_module, 'layer_norm', var_module.layer_norm_autodiff) if baseline
+             else contextlib.nullcontext())
+    with patch:  # the norm is looked up while tracing, so only this program uses the baseline
+        compiled, _ = trainer.compile_step(task, s, config, size)
+    rng = np.random.default_rng(0)
+    data = {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+            'label': (np.arange(batch) % config.model.num_classes).astype(np.int32),
+            'skipped': np.zeros(batch, np.int32)}
+    data = {k: jax.device_put(v, s.batch_shardings[k]) for k, v in data.items()}
+    c = task.var_cfg
+    what = (f'VAR depth {c.depth} width {c.C}, {c.L} tokens, {c.dtype}; tokenizer ch {vq_cfg.ch}, '
+            f'{vq_cfg.image_size} px')
+    return compiled, s.init_fn(jax.random.key(0)), data, s.frozen, what
+
+
+def bench_train(args) -> int:
+    batches = _int_list(args.batch, '--batch')
+    if args.warmup < 1 or args.repeats < 1:
+        raise ValueError('--warmup and --repeats must be >= 1')
+    config = load_config(args.config)
+    config_lib.check(config, 'var')
+    variants = ('step', 'baseline') if args.baseline else ('step',)
+    rows, what = [], ''
+    for b in batches:
+        progs, states = {}, {}
+        for v in variants:
+            print(f'batch {b}: compiling the {v} ...', file=sys.stderr, flush=True)
+            progs[v], states[v], data, frozen, what = _train_step_program(config, b, v == 'baseline')
+        times = {v: [] for v in variants}
+        for i in range(args.warmup + args.repeats):  # interleaved: machine load hits every variant alike
+            for v in variants:
+                t0 = time.perf_counter()
+                states[v], m = progs[v](states[v], data, frozen)
+                jax.block_until_ready(m['loss'])
+                if i >= args.warmup:
+                    times[v].append(time.perf_counter() - t0)
+        rows.append((b, {v: statistics.median(t) for v, t in times.items()}))
+    dev = jax.devices()[0]
+    kind = dev.device_kind if dev.device_kind == dev.platform else f'{dev.platform} {dev.device_kind}'
+    print(f'# train: {args.config}: {what}')
+    print(f'# device: {kind} (1 of {jax.device_count()}); median of {args.repeats} steps after {args.warmup} warm-up')
+    if args.baseline:
+        print('| batch | step ms | img/s | baseline (autodiff norm) ms | speed-up |')
+        print('|---:|---:|---:|---:|---:|')
+        for b, t in rows:
+            print(f'| {b} | {_num(t["step"] * 1e3)} | {_num(b / t["step"])} | {_num(t["baseline"] * 1e3)} | '
+                  f'{t["baseline"] / t["step"]:.2f}x |')
+    else:
+        print('| batch | step ms | img/s |')
+        print('|---:|---:|---:|')
+        for b, t in rows:
+            print(f'| {b} | {_num(t["step"] * 1e3)} | {_num(b / t["step"])} |')
+    return 0
+
+
 def _num(v: float) -> str:
     return f'{v:.3g}' if v < 1000 else f'{v:,.0f}'
 
@@ -135,15 +238,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--dtype', choices=('float32', 'bfloat16', 'float16'),
                    help='compute dtype (default: float32, or the checkpoint\'s)')
     s.add_argument('--batch', default='1,16,64', help='comma-separated batch sizes (default 1,16,64)')
-    s.add_argument('--cfg', type=float, default=1.5, help='guidance scale (default 1.5); the sampler always runs the doubled '
-                                                        '(class + null class) batch, whatever the scale')
+    s.add_argument('--cfg', type=float, default=1.5, help='guidance scale (default 1.5); any scale > 0 runs the doubled '
+                                                        '(class + null class) batch, 0 runs the class rows only')
     s.add_argument('--top_k', type=int, default=900, help='default 900')
     s.add_argument('--top_p', type=float, default=0.96, help='default 0.96')
     s.add_argument('--seed', type=int, default=0)
     s.add_argument('--warmup', type=int, default=1, help='untimed runs first (the first compiles; default 1)')
     s.add_argument('--repeats', type=int, default=5, help='timed runs; the median is reported (default 5)')
     s.set_defaults(run=bench_sample)
-    # Further workloads (e.g. training) add their own subparser here with `set_defaults(run=...)`.
+
+    t = sub.add_parser('train', help='VAR train-step time for a training config', allow_abbrev=False)
+    t.add_argument('--config', required=True, help='training config file, optionally with :arg '
+                                                   '(e.g. configs/tiny.py)')
+    t.add_argument('--batch', default='16,32', help='comma-separated batch sizes (default 16,32)')
+    t.add_argument('--baseline', choices=('autodiff_norm',),
+                   help='also time the step with JAX\'s autodiff LayerNorm backward and report the ratio')
+    t.add_argument('--warmup', type=int, default=3, help='untimed steps first (default 3)')
+    t.add_argument('--repeats', type=int, default=20, help='timed steps; the median is reported (default 20)')
+    t.set_defaults(run=bench_train)
     return p
 
 

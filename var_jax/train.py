@@ -28,10 +28,14 @@ class VARTask(trainer.Task):
     name = 'var'
     export = ('var',)
 
-    def __init__(self, config, workdir, *, dry_run: bool = False):
+    def __init__(self, config, workdir, *, dry_run: bool = False, tokenizer=None):
+        """`tokenizer`: a VQVAE to use as is instead of config.tokenizer (benchmarks)."""
         super().__init__(config, workdir)
         self.dry_run = dry_run
-        self.vq_cfg, self.vq_params, self.tokenizer_ref = self._tokenizer()
+        if tokenizer is not None:
+            self.vq_cfg, self.vq_params, self.tokenizer_ref = tokenizer.config, nnx.state(tokenizer, nnx.Param), None
+        else:
+            self.vq_cfg, self.vq_params, self.tokenizer_ref = self._tokenizer()
         self.vq_graphdef = nnx.split(abstract(self.vq_cfg))[0]
         self.source = None
 

@@ -54,7 +54,38 @@ def _axes(*names):
 
 
 def layer_norm(x: jax.Array, eps: float) -> jax.Array:
-    """LayerNorm without affine parameters, two-pass float32 statistics (as torch)."""
+    """LayerNorm without affine parameters, two-pass float32 statistics (as torch).
+
+    The backward is written out (`_norm_bwd`) because XLA CPU fuses the autodiff one badly:
+    it recomputes the residual-stream gradient of later blocks inside each norm's backward
+    (`python -m var_jax.bench train` measures both; docs/benchmarks.md).
+    """
+    return _norm(x.astype(F32), eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _norm(x, eps):
+    return _norm_fwd(x, eps)[0]
+
+
+def _norm_fwd(x, eps):
+    mean = jnp.mean(x, -1, keepdims=True)
+    r = jax.lax.rsqrt(jnp.mean(jnp.square(x - mean), -1, keepdims=True) + eps)
+    x_hat = (x - mean) * r
+    return x_hat, (x_hat, r)
+
+
+def _norm_bwd(eps, res, g):
+    del eps
+    x_hat, r = res
+    return (r * (g - jnp.mean(g, -1, keepdims=True) - x_hat * jnp.mean(g * x_hat, -1, keepdims=True)),)
+
+
+_norm.defvjp(_norm_fwd, _norm_bwd)
+
+
+def layer_norm_autodiff(x: jax.Array, eps: float) -> jax.Array:
+    """The same LayerNorm differentiated by JAX (the baseline of `bench train`)."""
     x = x.astype(F32)
     mean = jnp.mean(x, -1, keepdims=True)
     var = jnp.mean(jnp.square(x - mean), -1, keepdims=True)
