@@ -151,8 +151,7 @@ def _train_step_program(config, batch: int, baseline: bool):
     t = config.tokenizer.get('train')
     vq_cfg = vqvae_config_from(t.model) if t and 'model' in t else vqvae_config(
         patch_nums=config_lib.patch_nums_of(config.model))
-    size = vq_cfg.image_size if config.data.image_size != vq_cfg.image_size else config.data.image_size
-    config.data.image_size = size
+    size = config.data.image_size = vq_cfg.image_size
     task = VARTask(config, tempfile.gettempdir(), tokenizer=create(vq_cfg, seed=0))
     s = trainer.setup(task, config, dataset_size=int(config.data.get('size_hint', trainer.IMAGENET_TRAIN)),
                       image_size=size)
