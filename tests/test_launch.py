@@ -573,8 +573,15 @@ def test_local_interrupt_stops_all(tmp_path):
         pathlib.Path(os.environ['PIDDIR'], f'rank{rank}.pid').write_text(str(os.getpid()))
         time.sleep(120)
     ''')
-    p = subprocess.Popen(['bash', str(LOCAL), '2'], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    # A Ctrl-C in a terminal: SIGINT must not be ignored on entry to the script. It is when pytest
+    # itself was started in the background (`cmd &` ignores SIGINT, exec keeps SIG_IGN, and bash
+    # cannot trap a signal ignored on entry); a Python handler here is reset to SIG_DFL by exec.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        p = subprocess.Popen(['bash', str(LOCAL), '2'], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, old)
     try:
         assert _wait_for(lambda: all((tmp_path / f'rank{i}.pid').exists() for i in (0, 1)))
         time.sleep(0.3)
