@@ -139,6 +139,7 @@ def load_config(spec: str):
 def _train_step_program(config, batch: int, baseline: bool):
     """-> (compiled step, initial state, one batch, frozen tokenizer params, model description)."""
     from var_jax import trainer  # noqa: PLC0415
+    from var_jax.data import builtin  # noqa: PLC0415
     from var_jax.models import var as var_module  # noqa: PLC0415
     from var_jax.train import VARTask  # noqa: PLC0415
     from var_jax.train_tokenizer import vqvae_config_from  # noqa: PLC0415
@@ -147,7 +148,7 @@ def _train_step_program(config, batch: int, baseline: bool):
     config.batch_size = batch
     config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)  # one device, as every workload here
     if not config.model.num_classes:
-        config.model.num_classes = 10 if config.data.source == 'builtin' else 1000
+        config.model.num_classes = builtin.NUM_CLASSES if config.data.source == 'builtin' else 1000
     t = config.tokenizer.get('train')
     vq_cfg = vqvae_config_from(t.model) if t and 'model' in t else vqvae_config(
         patch_nums=config_lib.patch_nums_of(config.model))
