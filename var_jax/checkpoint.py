@@ -69,6 +69,20 @@ def merge_params(cfg, params):
 
 
 # ---------------------------------------------------------------------------- model checkpoints
+def _sync_directories() -> ocp.AsyncOptions:
+    """Every checkpointer here creates a save's directories before the save's barrier.
+
+    Orbax's default (asynchronous creation) has the other processes wait for the primary host's
+    directories through coordination-service keys named after a per-process count of saves, which
+    assumes that all processes make the same saves. Process 0 alone saves model checkpoints during a
+    multi-process run (the tokenizer copy of a VAR workdir), so the counts then differ: the other
+    processes looked up keys never set, did not wait, and wrote the grain `data` item into a
+    directory not created yet (FileNotFoundError on rank 1 while rank 0 waited in the save's next
+    barrier: the run hung until the coordination timeout). Synchronous creation uses no such keys.
+    """
+    return ocp.AsyncOptions(create_directories_asynchronously=False)
+
+
 def abspath(path) -> epath.Path:
     """An absolute path (Orbax refuses relative ones); URLs such as gs://... pass unchanged."""
     return epath.Path(path) if '://' in str(path) else epath.Path(os.path.abspath(os.fspath(path)))
@@ -79,6 +93,7 @@ def _this_process_only() -> ocp.StandardCheckpointer:
     # alone writes one, so no barrier may wait for the other processes of a multi-host run.
     me = jax.process_index()
     return ocp.StandardCheckpointer(
+        async_options=_sync_directories(),
         multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
 
 
@@ -167,6 +182,7 @@ class TrainCheckpointer:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only,
                                                save_interval_steps=0 if read_only else 1,
                                                enable_async_checkpointing=async_save,
+                                               async_options=_sync_directories(),
                                                # a save cut short (kill, preemption) leaves Orbax's tmp dir
                                                cleanup_tmp_directories=not read_only)
         import grain  # noqa: PLC0415
