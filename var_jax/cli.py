@@ -7,7 +7,9 @@ genuine bugs show a traceback.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
 from typing import Callable
 
 EXPECTED = (ValueError, FileNotFoundError, FloatingPointError)
@@ -29,10 +31,41 @@ def run(fn: Callable[[], int | None]) -> int:
     """Call `fn`; expected errors become one `error:` line and exit code 2."""
     quiet_logs()
     try:
-        return int(fn() or 0)
+        code = int(fn() or 0)
     except EXPECTED as e:
         print('error: ' + ' '.join(str(e).split()), file=sys.stderr)
-        return 2
+        code = 2
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
-        return 130
+        code = 130
+    except SystemExit:
+        raise
+    except BaseException:
+        if _multiprocess_run():
+            traceback.print_exc()
+            _exit_now(1)
+        raise
+    if code and _multiprocess_run():
+        _exit_now(code)
+    return code
+
+
+def _multiprocess_run() -> bool:
+    """Is this process one rank of a jax.distributed run? (without importing JAX)"""
+    if 'jax' not in sys.modules:
+        return False
+    try:
+        from jax._src import distributed  # noqa: PLC0415
+
+        return distributed.global_state.client is not None and distributed.global_state.num_processes > 1
+    except (ImportError, AttributeError):
+        return False
+
+
+def _exit_now(code: int) -> None:
+    """Exit a failed rank without `jax.distributed.shutdown` (atexit): that waits for every other
+    rank, which are still training or blocked in a collective with this one, so the launcher would
+    see nothing until the coordination service times out minutes later and aborts them all."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
