@@ -17,14 +17,14 @@ from var_jax import config_lib
 def get_config(arg=None):
     # batch 8: on 2 CPU cores the step is about as fast per image as batch 16 or 32, and smaller
     # batches learn more per image seen (docs/builtin_default.md)
-    c = config_lib.var_recipe(depth=4, batch_size=8, epochs=0, tblr=1e-3, alng=1e-3, wpe=0.1)
+    c = config_lib.var_recipe(depth=4, batch_size=8, epochs=0, tblr=2e-3, alng=1e-3, wpe=0.1)
     c.total_steps = 4000
     c.model.update(width=128, num_heads=2, patch_nums=(1, 2, 3, 4, 6, 8), dtype='float32', drop_path_rate=0.0,
                    scan_layers=False)  # unrolled: 4 layers compile fast and run a little faster on CPU
     c.data = config_lib.data_config(source='builtin', image_size=32, workers=0)
-    c.optim.update(lr=1e-3, wp_epochs=0.2, wd=0.05, wd_end=0.05)
+    c.optim.update(lr=2e-3, wp_epochs=0.2, wd=0.05, wd_end=0.05)
     c.tokenizer.train = config_lib.tokenizer_tiny()
-    c.sample.update(classes=tuple(range(10)), per_class=8, cfg=3.0, top_k=0, top_p=0.0)
+    c.sample.update(classes=tuple(range(10)), per_class=8, cfg=5.0, top_k=0, top_p=0.0)
     c.log_every, c.checkpoint_every, c.eval_every = 100, 1000, 0
     c.evaluate, c.score_per_class = True, 100
     if 'ci' in config_lib._parse_arg(arg):

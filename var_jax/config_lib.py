@@ -102,11 +102,12 @@ def tokenizer_tiny(arg: str | None = None) -> ConfigDict:
     """A small tokenizer for 32px built-in images: 4x downsampling, 8x8 latent, six scales.
 
     Sized for a 2-core CPU (about 3 minutes): 16 base channels (GroupNorm with 8 groups), no
-    attention, batch 16 for 1200 steps at lr 5e-3; plain MSE + VQ loss (no LPIPS / GAN).
+    attention, batch 16 for 1200 steps at lr 5e-3; plain MSE + VQ loss (no LPIPS / GAN). V = 128:
+    reconstructions as good as with 512 codes, and a VAR learns the smaller vocabulary faster.
     Measured: ~20 dB held-out PSNR (docs/builtin_default.md).
     """
     c = tokenizer_recipe(arg=arg)
-    c.model.update(vocab_size=512, z_channels=16, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
+    c.model.update(vocab_size=128, z_channels=16, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
                    using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 3, 4, 6, 8))
     c.data = data_config(source='builtin', image_size=32, workers=0)
     c.batch_size, c.epochs, c.total_steps = 16, 0, 1200
