@@ -10,7 +10,7 @@ progress bars and notes go to stderr.
 
 Built-in score (a VAR trained on the built-in shapes10 data; see docs/builtin_eval.md):
 
-    python -m var_jax.evaluate --workdir runs/tiny [--per_class 100] [--cfg 3.0] [--seed 0]
+    python -m var_jax.evaluate --workdir runs/tiny [--per_class 100] [--cfg 5.0] [--seed 0]
 
 samples the workdir's VAR with and without guidance and prints a table of class accuracies and
 Fréchet distances judged by a classifier trained on real shapes10 images (trained once, about a
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     ws.add_argument('--workdir', help='training workdir (or model checkpoint) of a VAR trained on shapes10')
     ws.add_argument('--per_class', type=int, default=100, help='samples per class, drawn with and without guidance')
     ws.add_argument('--cfg', type=float, default=None,
-                    help="guidance scale of the guided samples (default: the workdir's sample.cfg, else 3.0)")
+                    help="guidance scale of the guided samples (default: the workdir's sample.cfg, else 5.0)")
     ws.add_argument('--top_k', type=int, default=0, help='top-k filter when sampling (0 = off)')
     ws.add_argument('--top_p', type=float, default=0.0, help='top-p filter when sampling (0 = off)')
     ws.add_argument('--seed', type=int, default=0, help='sampling seed (keys from image_keys(seed, class, index))')

@@ -27,7 +27,7 @@ from etils import epath
 from var_jax.data import builtin
 
 EVAL_FILE = 'eval.json'
-DEFAULT_CFG = 3.0  # when the workdir's config.json names no sample.cfg (the tiny recipe's value)
+DEFAULT_CFG = 5.0  # when the workdir's config.json names no sample.cfg (the tiny recipe's value)
 SAMPLE_BATCH = 100  # images per sampler call: one compiled program; larger batches were slower per image on CPU
 MAX_PER_CLASS = 1000  # the train split has 1,000 images per class (the train-vs-test floor uses them)
 
@@ -167,7 +167,7 @@ def score(workdir, *, per_class: int = 100, cfg: float | None = None, top_k: int
     """-> (metrics, the settings they were measured with); both go to `workdir/eval.json`.
 
     `per_class` samples of each class are drawn with guidance `cfg` (default: the workdir's
-    sample.cfg, else 3.0) and again with cfg = 0, from keys `image_keys(seed, class, index)`.
+    sample.cfg, else 5.0) and again with cfg = 0, from keys `image_keys(seed, class, index)`.
     Images of another size than the judge's 32x32 are resized (antialiased) for it, real ones too.
     """
     t0 = time.time()
