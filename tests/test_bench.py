@@ -31,6 +31,16 @@ def test_train_step_against_the_autodiff_norm_baseline(capsys):
     assert re.fullmatch(r'\d+\.\d\dx', ratio)
 
 
+def test_train_step_of_a_tokenizer_config(capsys):
+    rc = bench.main(['train', '--config', str(REPO / 'configs' / 'tokenizer_tiny.py'), '--batch', '2',
+                     '--warmup', '1', '--repeats', '1'])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert 'tokenizer ch 16 x (1, 2, 2), V 128, 32 px, 6 scales, loss l2 1' in out
+    (row,) = _table(out)
+    assert row[0] == '2' and float(row[1]) > 0 and float(row[2]) > 0
+
+
 def test_sample_tiny(capsys):
     rc = bench.main(['sample', '--model', 'tiny', '--batch', '2', '--repeats', '1'])
     out = capsys.readouterr().out
@@ -44,6 +54,7 @@ def test_sample_tiny(capsys):
     (['train', '--config', 'configs/tiny.py', '--batch', '0'], '--batch must be positive'),
     (['train', '--config', 'configs/tiny.py', '--repeats', '0'], '--warmup and --repeats must be >= 1'),
     (['sample', '--model', 'tiny', '--batch', 'x'], '--batch must be comma-separated integers'),
+    (['train', '--config', 'configs/tokenizer_tiny.py', '--baseline', 'autodiff_norm'], 'a tokenizer config has none'),
 ])
 def test_bad_arguments_are_one_line(argv, match, capsys, monkeypatch):
     monkeypatch.chdir(REPO)

@@ -18,7 +18,7 @@ from flax import nnx
 from PIL import Image
 
 from var_jax import checkpoint, config_lib, metrics, train
-from var_jax.models import VQVAEConfig, create
+from var_jax.models import VAR, VQVAEConfig, create
 
 from conftest import REPO, no_jit_cache, override
 
@@ -122,6 +122,21 @@ def test_loss_falls(tokenizer_dir, tmp_path):
     assert lm[40] < lm[1] - 0.5, lm
 
 
+def test_ema_weights_are_what_inference_loads(tokenizer_dir, tmp_path):
+    # optim.ema is off in the official recipe; on, it must not change training, only what is exported
+    kw = {'total_steps': 3, 'checkpoint_every': 3}
+    train.run(tiny_config(tokenizer_dir, **kw), tmp_path / 'plain')
+    train.run(tiny_config(tokenizer_dir, **kw, **{'optim.ema': 0.999999}), tmp_path / 'ema')
+    assert losses(tmp_path / 'plain') == losses(tmp_path / 'ema')
+    plain = nnx.state(checkpoint.load_model(tmp_path / 'plain')[1], nnx.Param)
+    ema = nnx.state(checkpoint.load_model(tmp_path / 'ema')[1], nnx.Param)
+    var_cfg = checkpoint.load_model(tmp_path / 'ema')[1].config
+    init = nnx.state(VAR(var_cfg, rngs=nnx.Rngs(jax.random.key(0))), nnx.Param)  # trainer's init, seed 0
+    head = lambda st: np.asarray(st['head']['kernel'][...])  # noqa: E731
+    assert np.abs(head(plain) - head(init)).max() > 1e-3, 'three AdamW steps move the raw weights'
+    np.testing.assert_allclose(head(ema), head(init), atol=1e-5)  # decay ~1: the EMA is still the init
+
+
 def test_corrupt_images_are_skipped_and_counted(tmp_path):
     root = tmp_path / 'images'
     rng = np.random.default_rng(0)
@@ -145,6 +160,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     ('--config.data.source=nope', 'data.source must be one of'),
     ('--config.mesh.data=3', 'mesh data=3'),
     ('--config.model.pn=300', 'model.pn must be one of'),
+    ('--config.optim.ema=1.0', 'optim.ema must be in [0, 1)'),
 ])
 def test_bad_config_is_one_line(tokenizer_dir, tmp_path, override, match):
     args = cli_args(tokenizer_dir, tmp_path / 'w')

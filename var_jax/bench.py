@@ -3,6 +3,7 @@
     python -m var_jax.bench sample --model d16 [--batch 1,16,64] [--cfg 1.5 --top_k 900 --top_p 0.96]
     python -m var_jax.bench sample --checkpoint DIR [--repeats 5] [--dtype bfloat16]
     python -m var_jax.bench train --config configs/tiny.py [--batch 16,32] [--baseline autodiff_norm]
+    python -m var_jax.bench train --config configs/tokenizer_tiny.py [--batch 16]
 
 `sample` times class-conditional sampling on one device, as images per second for each batch
 size, with the transformer (`sampling.generate_fhat`: all scales, KV cache, guidance with the
@@ -18,7 +19,10 @@ tokenizer encode, VAR forward and backward, AdamW) on random images, with random
 config's tokenizer (its `tokenizer.train.model`, else the official one). `--baseline
 autodiff_norm` also times the same step with JAX's autodiff of LayerNorm instead of the
 hand-written backward (`models.var.layer_norm`) and reports the ratio, both measured in the
-same process, interleaved run by run so that load on the machine hits both alike.
+same process, interleaved run by run so that load on the machine hits both alike. With a
+tokenizer config (configs/tokenizer*.py) it times the step of `var_jax.train_tokenizer` instead
+(encode, multi-scale quantization, decode, the config's losses and discriminator, AdamW, codebook
+usage and dead-code re-seeding).
 
 The table goes to stdout (markdown), progress to stderr.
 """
@@ -136,24 +140,43 @@ def load_config(spec: str):
     return module.get_config(arg or None)
 
 
+def is_tokenizer_config(config) -> bool:
+    """Tokenizer configs (config_lib.tokenizer_recipe) carry codebook settings; VAR configs do not."""
+    return 'codebook' in config
+
+
 def _train_step_program(config, batch: int, baseline: bool):
-    """-> (compiled step, initial state, one batch, frozen tokenizer params, model description)."""
+    """-> (compiled step, initial state, one batch, frozen params, model description).
+
+    The step is the one `var_jax.train` (a VAR config) or `var_jax.train_tokenizer` (a tokenizer
+    config) runs, built by the same `trainer.setup` / `trainer.compile_step`."""
     from var_jax import trainer  # noqa: PLC0415
     from var_jax.data import builtin  # noqa: PLC0415
     from var_jax.models import var as var_module  # noqa: PLC0415
     from var_jax.train import VARTask  # noqa: PLC0415
-    from var_jax.train_tokenizer import vqvae_config_from  # noqa: PLC0415
+    from var_jax.train_tokenizer import TokenizerTask, vqvae_config_from  # noqa: PLC0415
 
     config = config.copy_and_resolve_references()
     config.batch_size = batch
     config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)  # one device, as every workload here
-    if not config.model.num_classes:
-        config.model.num_classes = builtin.NUM_CLASSES if config.data.source == 'builtin' else 1000
-    t = config.tokenizer.get('train')
-    vq_cfg = vqvae_config_from(t.model) if t and 'model' in t else vqvae_config(
-        patch_nums=config_lib.patch_nums_of(config.model))
-    size = config.data.image_size = vq_cfg.image_size
-    task = VARTask(config, tempfile.gettempdir(), tokenizer=create(vq_cfg, seed=0))
+    num_classes = builtin.NUM_CLASSES if config.data.source == 'builtin' else 1000
+    if is_tokenizer_config(config):
+        vq_cfg = vqvae_config_from(config.model)
+        config.data.image_size = vq_cfg.image_size
+        task = TokenizerTask(config, tempfile.gettempdir())
+        losses = [f'{k} {config.loss[k]:g}' for k in ('l1', 'l2', 'lpips', 'gan') if config.loss[k]]
+        what = (f'tokenizer ch {vq_cfg.ch} x {tuple(vq_cfg.ch_mult)}, V {vq_cfg.vocab_size}, {vq_cfg.image_size} px, '
+                f'{vq_cfg.num_scales} scales, loss {" + ".join(losses)}, {vq_cfg.dtype}')
+    else:
+        if not config.model.num_classes:
+            config.model.num_classes = num_classes
+        num_classes = config.model.num_classes
+        t = config.tokenizer.get('train')
+        vq_cfg = vqvae_config_from(t.model) if t and 'model' in t else vqvae_config(
+            patch_nums=config_lib.patch_nums_of(config.model))
+        config.data.image_size = vq_cfg.image_size
+        task = VARTask(config, tempfile.gettempdir(), tokenizer=create(vq_cfg, seed=0))
+    size = vq_cfg.image_size
     s = trainer.setup(task, config, dataset_size=int(config.data.get('size_hint', trainer.IMAGENET_TRAIN)),
                       image_size=size)
     patch = (mock.patch.object(var_module, 'layer_norm', var_module.layer_norm_autodiff) if baseline
@@ -162,12 +185,13 @@ def _train_step_program(config, batch: int, baseline: bool):
         compiled, _ = trainer.compile_step(task, s, config, size)
     rng = np.random.default_rng(0)
     data = {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-            'label': (np.arange(batch) % config.model.num_classes).astype(np.int32),
+            'label': (np.arange(batch) % num_classes).astype(np.int32),
             'skipped': np.zeros(batch, np.int32)}
     data = {k: jax.device_put(v, s.batch_shardings[k]) for k, v in data.items()}
-    c = task.var_cfg
-    what = (f'VAR depth {c.depth} width {c.C}, {c.L} tokens, {c.dtype}; tokenizer ch {vq_cfg.ch}, '
-            f'{vq_cfg.image_size} px')
+    if not is_tokenizer_config(config):
+        c = task.var_cfg
+        what = (f'VAR depth {c.depth} width {c.C}, {c.L} tokens, {c.dtype}; tokenizer ch {vq_cfg.ch}, '
+                f'{vq_cfg.image_size} px')
     return compiled, s.init_fn(jax.random.key(0)), data, s.frozen, what
 
 
@@ -176,7 +200,10 @@ def bench_train(args) -> int:
     if args.warmup < 1 or args.repeats < 1:
         raise ValueError('--warmup and --repeats must be >= 1')
     config = load_config(args.config)
-    config_lib.check(config, 'var')
+    tokenizer = is_tokenizer_config(config)
+    config_lib.check(config, 'tokenizer' if tokenizer else 'var')
+    if tokenizer and args.baseline:
+        raise ValueError('--baseline autodiff_norm times the VAR LayerNorm; a tokenizer config has none')
     variants = ('step', 'baseline') if args.baseline else ('step',)
     rows, what = [], ''
     for b in batches:
@@ -247,9 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--repeats', type=int, default=5, help='timed runs; the median is reported (default 5)')
     s.set_defaults(run=bench_sample)
 
-    t = sub.add_parser('train', help='VAR train-step time for a training config', allow_abbrev=False)
+    t = sub.add_parser('train', help='train-step time for a VAR or tokenizer training config', allow_abbrev=False)
     t.add_argument('--config', required=True, help='training config file, optionally with :arg '
-                                                   '(e.g. configs/tiny.py)')
+                                                   '(e.g. configs/tiny.py, configs/tokenizer_tiny.py)')
     t.add_argument('--batch', default='16,32', help='comma-separated batch sizes (default 16,32)')
     t.add_argument('--baseline', choices=('autodiff_norm',),
                    help='also time the step with JAX\'s autodiff LayerNorm backward and report the ratio')

@@ -64,8 +64,10 @@ def var_recipe(*, depth: int, batch_size: int, epochs: float, tblr: float, alng:
     c.tokenizer = ConfigDict(dict(checkpoint='', train=ConfigDict()))
     c.init_from = ''  # converted official VAR checkpoint to fine-tune from
     c.data = data_config(image_size=pn)
+    # ema: decay of an EMA copy of the VAR weights; 0 (off) is the official recipe. When on, sample
+    # grids, the built-in score and exported weights use the EMA copy.
     c.optim = ConfigDict(dict(tblr=tblr, lr=0.0, wd=0.05, wd_end=twde, wp_epochs=epochs / 50, wp0=0.005, wpe=wpe,
-                              sched='lin0', clip=2.0, b1=0.9, b2=0.95, label_smooth=0.0))
+                              sched='lin0', clip=2.0, b1=0.9, b2=0.95, label_smooth=0.0, ema=0.0))
     c.sample = ConfigDict(dict(classes=(207, 360, 387, 974, 88, 979, 417, 279), per_class=4, cfg=4.0, top_k=900,
                                top_p=0.95, seed=0, more_smooth=False))
     c.evaluate = False  # after training: the built-in classifier scores (built-in data only)
@@ -143,6 +145,7 @@ def check(config: ConfigDict, kind: str) -> None:
         o = config.optim
         need(o.tblr > 0 or o.lr > 0, 'optim.tblr (or optim.lr) must be > 0')
         need(0 <= o.label_smooth < 1, f'optim.label_smooth must be in [0, 1), got {o.label_smooth}')
+        need(0 <= o.get('ema', 0.0) < 1, f'optim.ema must be in [0, 1) (0 = off), got {o.get("ema")}')
         need(o.sched in ('lin0', 'cos', 'const'), f"optim.sched must be 'lin0', 'cos' or 'const', got {o.sched!r}")
         need(m.depth >= 1, f'model.depth must be >= 1, got {m.depth}')
         need(m.dtype in ('float32', 'bfloat16', 'float16'), f'model.dtype {m.dtype!r} is not a float dtype')

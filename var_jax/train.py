@@ -92,6 +92,10 @@ class VARTask(trainer.Task):
     def init_params(self, key):
         return {'var': nnx.state(VAR(self.var_cfg, rngs=nnx.Rngs(key)), nnx.Param)}, {}
 
+    def ema_decay(self):
+        # not in the official recipe (0 = off); samples, the score and exported weights use the EMA copy when on
+        return float(self.config.optim.get('ema', 0.0))
+
     def pretrained(self):
         if not self.config.init_from:
             return {}
@@ -168,7 +172,7 @@ class VARTask(trainer.Task):
             return {}
         cfg = self.var_cfg
         classes = [c for c in s.classes if c < cfg.num_classes] or list(range(min(cfg.num_classes, 8)))
-        var = nnx.merge(nnx.split(abstract(cfg))[0], state.params['var'])
+        var = nnx.merge(nnx.split(abstract(cfg))[0], state.ema.get('var', state.params['var']))
         vq = nnx.merge(self.vq_graphdef, frozen)
         labels = np.repeat(np.asarray(classes, np.int32), s.per_class)
         keys = sampling.image_keys(s.seed, labels, np.tile(np.arange(s.per_class), len(classes)))
