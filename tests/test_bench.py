@@ -23,7 +23,7 @@ def test_train_step_against_the_autodiff_norm_baseline(capsys):
                      '--warmup', '1', '--repeats', '2', '--baseline', 'autodiff_norm'])
     out = capsys.readouterr().out
     assert rc == 0, out
-    assert 'VAR depth 2 width 64, 130 tokens' in out and '(1 of ' in out
+    assert 'VAR depth 2 width 128, 130 tokens' in out and '(1 of ' in out
     (row,) = _table(out)
     batch, ms, img_s, base_ms, ratio = row
     assert batch == '2' and float(ms) > 0 and float(base_ms) > 0
