@@ -176,6 +176,9 @@ def _train_step_program(config, batch: int, baseline: bool):
             patch_nums=config_lib.patch_nums_of(config.model))
         config.data.image_size = vq_cfg.image_size
         task = VARTask(config, tempfile.gettempdir(), tokenizer=create(vq_cfg, seed=0))
+        c = task.var_cfg
+        what = (f'VAR depth {c.depth} width {c.C}, {c.L} tokens, {c.dtype}; tokenizer ch {vq_cfg.ch}, '
+                f'{vq_cfg.image_size} px')
     size = vq_cfg.image_size
     s = trainer.setup(task, config, dataset_size=int(config.data.get('size_hint', trainer.IMAGENET_TRAIN)),
                       image_size=size)
@@ -188,10 +191,6 @@ def _train_step_program(config, batch: int, baseline: bool):
             'label': (np.arange(batch) % num_classes).astype(np.int32),
             'skipped': np.zeros(batch, np.int32)}
     data = {k: jax.device_put(v, s.batch_shardings[k]) for k, v in data.items()}
-    if not is_tokenizer_config(config):
-        c = task.var_cfg
-        what = (f'VAR depth {c.depth} width {c.C}, {c.L} tokens, {c.dtype}; tokenizer ch {vq_cfg.ch}, '
-                f'{vq_cfg.image_size} px')
     return compiled, s.init_fn(jax.random.key(0)), data, s.frozen, what
 
 
