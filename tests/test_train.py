@@ -129,9 +129,9 @@ def test_ema_weights_are_what_inference_loads(tokenizer_dir, tmp_path):
     train.run(tiny_config(tokenizer_dir, **kw, **{'optim.ema': 0.999999}), tmp_path / 'ema')
     assert losses(tmp_path / 'plain') == losses(tmp_path / 'ema')
     plain = nnx.state(checkpoint.load_model(tmp_path / 'plain')[1], nnx.Param)
-    ema = nnx.state(checkpoint.load_model(tmp_path / 'ema')[1], nnx.Param)
-    var_cfg = checkpoint.load_model(tmp_path / 'ema')[1].config
-    init = nnx.state(VAR(var_cfg, rngs=nnx.Rngs(jax.random.key(0))), nnx.Param)  # trainer's init, seed 0
+    ema_var = checkpoint.load_model(tmp_path / 'ema')[1]
+    ema = nnx.state(ema_var, nnx.Param)
+    init = nnx.state(VAR(ema_var.config, rngs=nnx.Rngs(jax.random.key(0))), nnx.Param)  # trainer's init, seed 0
     head = lambda st: np.asarray(st['head']['kernel'][...])  # noqa: E731
     assert np.abs(head(plain) - head(init)).max() > 1e-3, 'three AdamW steps move the raw weights'
     np.testing.assert_allclose(head(ema), head(init), atol=1e-5)  # decay ~1: the EMA is still the init
