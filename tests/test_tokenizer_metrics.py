@@ -24,7 +24,7 @@ from PIL import Image
 from var_jax import checkpoint
 from var_jax import evaluate as cli
 from var_jax.data import builtin
-from var_jax.data.pipeline import make_dataset
+from var_jax.data.pipeline import FolderSource, make_dataset
 from var_jax.eval import adm, inception
 from var_jax.eval import tokenizer_metrics as tm
 from var_jax.models import VQVAEConfig, create
@@ -226,6 +226,12 @@ def cli_inputs(vqvae, tmp_path_factory):
     (folder / 'c0' / '05_corrupt.png').write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
     (d / 'empty').mkdir()
     (d / 'empty_classes' / 'c0').mkdir(parents=True)
+    flat = d / 'flat'  # the same images with no class subfolders (e.g. ImageNet's validation folder)
+    flat.mkdir()
+    for f in folder.glob('*/*.png'):
+        (flat / f.name).write_bytes(f.read_bytes())
+    (d / 'mixed' / 'c0').mkdir(parents=True)
+    (d / 'mixed' / 'stray.png').write_bytes((folder / 'c0' / '00.png').read_bytes())
     (d / 'not_a_tokenizer.txt').write_text('hello')
     return {'tok': d / 'tok', 'images': folder, 'dir': d}
 
@@ -277,6 +283,20 @@ def test_cli_end_to_end(cli_inputs, vqvae, capsys):
     assert not list(out.parent.glob('.metrics.json.*'))  # no temporary file left
 
 
+def test_cli_on_a_flat_folder(cli_inputs, vqvae, capsys):
+    """Images directly in the folder (no classes) are one unlabelled set: same images, same PSNR."""
+    source = FolderSource(str(cli_inputs['dir'] / 'flat'))
+    assert source.class_names == ('flat',) and len(source) == 11 and not source.labels.any()
+    out = cli_inputs['dir'] / 'flat.json'
+    code = cli.main(['--tokenizer', str(cli_inputs['tok']), '--data', str(cli_inputs['dir'] / 'flat'),
+                     '--batch_size', str(BATCH), '--workers', '0', '--out', str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.splitlines()[0] == 'images: 10 (1 unreadable skipped)'
+    got = json.loads(out.read_text())
+    assert got['psnr'] == pytest.approx(_expected(vqvae, cli_inputs['images'], 10)[0], abs=1e-3)
+
+
 def test_cli_with_inception(cli_inputs, vqvae, capsys):
     """--inception wired through to the rFID (a cheap stand-in network is loaded in place of the
     weights file); --max_images counts files read, the unreadable one included."""
@@ -321,7 +341,9 @@ BAD_INPUTS = {
                                          'an official VAR tokenizer file runs at 256 or 512 px'),
     'tfds without split': (['--tokenizer', '{tok}', '--data', 'tfds:imagenet2012'], 'expected tfds:NAME:SPLIT'),
     'missing folder': (['--tokenizer', '{tok}', '--data', '{dir}/nope'], 'no such image folder'),
-    'folder without classes': (['--tokenizer', '{tok}', '--data', '{dir}/empty'], 'has no class subfolders'),
+    'empty folder': (['--tokenizer', '{tok}', '--data', '{dir}/empty'], 'has no class subfolders and no images'),
+    'mixed folder layouts': (['--tokenizer', '{tok}', '--data', '{dir}/mixed'],
+                             'has both class subfolders and 1 images at its top level'),
     'folder without images': (['--tokenizer', '{tok}', '--data', '{dir}/empty_classes'], 'contains no images'),
     'data_dir without tfds': (['--tokenizer', '{tok}', '--data', '{images}', '--data_dir', '{dir}'],
                               '--data_dir applies to tfds'),

@@ -137,7 +137,9 @@ def test_ema_weights_are_what_inference_loads(tokenizer_dir, tmp_path):
     np.testing.assert_allclose(head(ema), head(init), atol=1e-5)  # decay ~1: the EMA is still the init
 
 
-def test_corrupt_images_are_skipped_and_counted(tmp_path):
+@pytest.mark.parametrize('layout', ['classes', 'flat'])
+def test_corrupt_images_are_skipped_and_counted(tmp_path, layout):
+    """An image folder with class subfolders, or flat (one class), with an unreadable and an empty file."""
     root = tmp_path / 'images'
     rng = np.random.default_rng(0)
     for c in ('a', 'b'):
@@ -146,6 +148,11 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
             Image.fromarray(rng.integers(0, 255, (20, 24, 3), np.uint8)).save(root / c / f'{i}.png')
     (root / 'a' / '3.png').write_bytes(b'not an image')
     (root / 'b' / '0.png').write_bytes(b'')
+    if layout == 'flat':
+        for f in sorted(root.glob('*/*.png')):
+            f.rename(root / f'{f.parent.name}{f.name}')
+        for c in ('a', 'b'):
+            (root / c).rmdir()
     tok = VQVAEConfig(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
                       using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))
     checkpoint.save_model(tmp_path / 'tok', vqvae=create(tok, seed=1))
@@ -153,6 +160,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path):
     c.data = config_lib.data_config(source='imagefolder', path=str(root), image_size=16, workers=0)
     out = train.run(c, tmp_path / 'w')
     assert out['data_skipped_total'] >= 1 and np.isfinite(out['Lm'])
+    _, var = checkpoint.load_model(tmp_path / 'w', need_var=True)
+    assert var.config.num_classes == (2 if layout == 'classes' else 1)
 
 
 @pytest.mark.parametrize('override,match', [

@@ -42,22 +42,36 @@ class BuiltinSource:
 
 
 class FolderSource:
-    """One subfolder per class (the official / torchvision ImageFolder layout); files read lazily."""
+    """Images in one subfolder per class (the official / torchvision ImageFolder layout), or all at
+    the top level of a flat folder (one class named after the folder: unlabelled data, e.g. the
+    ImageNet validation images for tokenizer metrics). Files are read lazily."""
 
     def __init__(self, root: str):
         if not os.path.isdir(root):
             raise ValueError(f'image folder {root!r} does not exist')
-        self.class_names = tuple(sorted(e.name for e in os.scandir(root) if e.is_dir()))
-        if not self.class_names:
-            raise ValueError(f'image folder {root!r} has no class subfolders (expected root/<class>/<image>)')
+        entries = list(os.scandir(root))
+        class_dirs = sorted(e.name for e in entries if e.is_dir())
+        loose = sorted(e.name for e in entries if e.is_file() and e.name.lower().endswith(IMAGE_EXTS))
+        if class_dirs and loose:  # ignoring either part would silently drop data
+            raise ValueError(f'image folder {root!r} has both class subfolders and {len(loose)} images at its top '
+                             'level (e.g. ' + loose[0] + '); use one layout: root/<class>/<image> or root/<image>')
+        if not class_dirs and not loose:
+            raise ValueError(f'image folder {root!r} has no class subfolders and no images '
+                             f'(expected root/<class>/<image> or root/<image>; {", ".join(IMAGE_EXTS)})')
         self.files: list[str] = []
         labels = []
-        for ci, name in enumerate(self.class_names):
-            for dirpath, _, files in os.walk(os.path.join(root, name)):
-                for f in sorted(files):
-                    if f.lower().endswith(IMAGE_EXTS):
-                        self.files.append(os.path.join(dirpath, f))
-                        labels.append(ci)
+        if class_dirs:
+            self.class_names = tuple(class_dirs)
+            for ci, name in enumerate(self.class_names):
+                for dirpath, _, files in os.walk(os.path.join(root, name)):
+                    for f in sorted(files):
+                        if f.lower().endswith(IMAGE_EXTS):
+                            self.files.append(os.path.join(dirpath, f))
+                            labels.append(ci)
+        else:
+            self.class_names = (os.path.basename(os.path.normpath(root)),)
+            self.files = [os.path.join(root, f) for f in loose]
+            labels = [0] * len(loose)
         if not self.files:
             raise ValueError(f'image folder {root!r} contains no images ({", ".join(IMAGE_EXTS)})')
         self.labels = np.asarray(labels, np.int32)
