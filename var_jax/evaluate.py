@@ -68,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument('--tokenizer', help='var_jax model checkpoint or training workdir (a VAR one carries its '
                                          'tokenizer), or an official VQVAE file such as vae_ch160v4096z32.pth')
     tok.add_argument('--data', help="images to reconstruct: 'builtin' (shapes10 test split), an image folder "
-                                    "(root/<class>/<image>) or tfds:NAME:SPLIT, e.g. tfds:imagenet2012:validation")
+                                    "(root/<class>/<image>, or flat: root/<image>) or tfds:NAME:SPLIT, e.g. "
+                                    "tfds:imagenet2012:validation")
     tok.add_argument('--data_dir', help='TFDS data directory (default ~/tensorflow_datasets)')
     tok.add_argument('--image_size', type=int, help="default: the tokenizer's (an official file: 256, or 512 with "
                                                     "the 512-px scale set)")
@@ -120,7 +121,7 @@ def _check_tokenizer_paths(args: argparse.Namespace) -> None:
     tfds = args.data.startswith('tfds:')
     if not tfds and args.data != 'builtin' and not os.path.isdir(args.data):
         raise ValueError(f"--data {args.data}: no such image folder (expected 'builtin', an image folder "
-                         'root/<class>/<image> or tfds:NAME:SPLIT)')
+                         'root/<class>/<image> or root/<image>, or tfds:NAME:SPLIT)')
     if args.data_dir is not None and not tfds:
         raise ValueError('--data_dir applies to tfds:NAME:SPLIT data only')
     if args.lpips is not None and not os.path.isfile(args.lpips):
