@@ -64,6 +64,9 @@ def test_cli_round_trip(tiny_dir, tmp_path):
     for a, b in ((vq, vq0), (var, var0)):
         assert a.config == b.config
         jax.tree.map(np.testing.assert_array_equal, nnx.state(a, nnx.Param), nnx.state(b, nnx.Param))
+    vq_only, none = checkpoint.load_model(out, tokenizer_only=True)  # the VAR weights are not read
+    assert none is None
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(vq_only, nnx.Param), nnx.state(vq0, nnx.Param))
     # exists -> refused without --force, nothing touched
     r = subprocess.run([sys.executable, '-m', 'var_jax.convert', '--vae', str(tiny_dir / 'vae.pth'), '--out', str(out)],
                        capture_output=True, text=True, cwd=REPO)

@@ -160,8 +160,11 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, layout):
     c.data = config_lib.data_config(source='imagefolder', path=str(root), image_size=16, workers=0)
     out = train.run(c, tmp_path / 'w')
     assert out['data_skipped_total'] >= 1 and np.isfinite(out['Lm'])
-    _, var = checkpoint.load_model(tmp_path / 'w', need_var=True)
+    vq, var = checkpoint.load_model(tmp_path / 'w', need_var=True)
     assert var.config.num_classes == (2 if layout == 'classes' else 1)
+    vq_only, none = checkpoint.load_model(tmp_path / 'w', tokenizer_only=True)  # from beside the VAR checkpoints
+    assert none is None
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(vq_only, nnx.Param), nnx.state(vq, nnx.Param))
 
 
 @pytest.mark.parametrize('override,match', [

@@ -122,8 +122,12 @@ def save_model(out, *, vqvae, var=None, overwrite: bool = False, source: dict | 
             shutil.rmtree(os.fspath(tmp), ignore_errors=True)
 
 
-def load_model(path, *, step: int | None = None, need_var: bool = False, shardings=None):
-    """Model checkpoint or training workdir -> (VQVAE, VAR or None), float32 NNX modules."""
+def load_model(path, *, step: int | None = None, need_var: bool = False, tokenizer_only: bool = False,
+               shardings=None):
+    """Model checkpoint or training workdir -> (VQVAE, VAR or None), float32 NNX modules.
+
+    `tokenizer_only`: read the VQVAE alone (VAR -> None) without restoring the VAR weights, which
+    for a large VAR are most of the bytes."""
     path = abspath(path)
     if not path.exists():
         raise ValueError(f'{path}: no such checkpoint directory')
@@ -132,16 +136,20 @@ def load_model(path, *, step: int | None = None, need_var: bool = False, shardin
         raise ValueError(f'{path}: holds no tokenizer config')
     if need_var and var_cfg is None:
         raise ValueError(f'{path}: holds a tokenizer only; a VAR checkpoint is needed here')
+    want_var = var_cfg is not None and not tokenizer_only
     sh = shardings or {}
     target = {'vqvae': abstract_params(vq_cfg, sh.get('vqvae'))}
-    if var_cfg is not None:
+    if want_var:
         target['var'] = abstract_params(var_cfg, sh.get('var'))
     if (path / 'params').exists():
-        params = _restore(path / 'params', target)
+        params = _restore(path / 'params', target, partial=var_cfg is not None and not want_var)
     elif (path / CHECKPOINTS).exists():
-        ckpt = TrainCheckpointer(path, read_only=True)
-        params = ckpt.restore_params(target, step=step)
-        ckpt.close()
+        if var_cfg is not None and not want_var:
+            params = {}  # a VAR workdir's checkpoints hold VAR weights only; its tokenizer is beside them
+        else:
+            ckpt = TrainCheckpointer(path, read_only=True)
+            params = ckpt.restore_params(target, step=step)
+            ckpt.close()
     else:
         raise ValueError(f'{path}: has {MODEL_FILE} but no params/ or {CHECKPOINTS}/ (incomplete?)')
     if 'vqvae' not in params:  # a VAR training workdir: the frozen tokenizer is stored beside it
@@ -151,12 +159,22 @@ def load_model(path, *, step: int | None = None, need_var: bool = False, shardin
         tok_path = epath.Path(tok) if epath.Path(tok).is_absolute() else path / tok
         params['vqvae'] = nnx.state(load_model(tok_path, shardings={'vqvae': sh.get('vqvae')})[0], nnx.Param)
     vqvae = merge_params(vq_cfg, params['vqvae'])
-    var = merge_params(var_cfg, params['var']) if var_cfg is not None else None
+    var = merge_params(var_cfg, params['var']) if want_var else None
     return vqvae, var
 
 
-def _restore(directory, target):
+def _restore(directory, target, *, partial: bool = False):
+    """`partial`: the directory may hold more models than `target`; only those in it are read."""
     try:
+        if partial:
+            me = jax.process_index()
+            handler = ocp.PyTreeCheckpointHandler(
+                multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+            with ocp.Checkpointer(handler, multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=me, active_processes={me})) as ckptr:
+                return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+                    item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                    partial_restore=True))
         with _this_process_only() as ckptr:
             return ckptr.restore(directory, target)
     except (ValueError, KeyError, FileNotFoundError) as e:

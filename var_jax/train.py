@@ -53,7 +53,7 @@ class VARTask(trainer.Task):
             else:
                 raise ValueError('config.tokenizer.checkpoint is empty: give a converted official VQVAE or a '
                                  'tokenizer workdir, or set config.tokenizer.train to train one first')
-        vq, _ = checkpoint.load_model(path)
+        vq, _ = checkpoint.load_model(path, tokenizer_only=True)
         inside = epath.Path(path).resolve() == (self.workdir / TOKENIZER_DIR).resolve()
         if not inside and not self.dry_run and jax.process_index() == 0 \
                 and not (self.workdir / TOKENIZER_DIR / checkpoint.MODEL_FILE).exists():

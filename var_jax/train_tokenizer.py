@@ -104,7 +104,7 @@ class TokenizerTask(trainer.Task):
     def pretrained(self):
         if not self.config.init_from:
             return {}
-        vq, _ = checkpoint.load_model(self.config.init_from)
+        vq, _ = checkpoint.load_model(self.config.init_from, tokenizer_only=True)
         if vq.config.replace(dtype=self.vq_cfg.dtype) != self.vq_cfg:
             raise ValueError(f'config.init_from {self.config.init_from} holds a different tokenizer '
                              f'({vq.config}); set config.model to match it')

@@ -338,9 +338,7 @@ def load_tokenizer(path: str, image_size: int | None):
         return vqvae
     from var_jax.checkpoint import load_model  # noqa: PLC0415
 
-    vqvae, var = load_model(path)
-    del var  # a VAR checkpoint carries its tokenizer; only that is needed
-    return vqvae
+    return load_model(path, tokenizer_only=True)[0]  # a VAR checkpoint carries its tokenizer
 
 
 def data_config(spec: str, image_size: int, data_dir: str | None = None, workers: int = 0):
