@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from etils import epath
 from flax import struct
 
 from var_jax import checkpoint, distributed, metrics, sharding
