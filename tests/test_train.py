@@ -1,5 +1,6 @@
 """VAR training (issue 3): sharded step == one device, exact resume after kill -9, restore on another
-mesh, loss falls, corrupt images skipped, bad configs, the d30 dry run, two processes == one.
+mesh, loss falls, corrupt images skipped, bad configs, the d30 dry run, two processes == one, a
+signal on one of two processes stops both at the same step.
 
 Models are tiny (16 px built-in images, 3 scales, depth 2, width 64) so compiles stay short.
 """
@@ -7,9 +8,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -211,3 +216,38 @@ def test_two_processes_take_the_same_steps_as_one(tokenizer_dir, tmp_path):
     assert sorted(a) == sorted(b) == [1, 2, 3]
     np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=2e-5)
     assert json.loads((tmp_path / 'multi' / 'model.json').read_text())['var']['depth'] == 2
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_process_stops_every_process_at_the_same_step(tokenizer_dir, tmp_path):
+    """SIGTERM reaching one rank only (a node preempted first, a stray kill): every rank stops
+    after the same step, the checkpoint is written once, and all exit 0. A rank that saved alone
+    would wait forever in the save's collectives for the others, which trained on."""
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        coordinator = f'127.0.0.1:{sock.getsockname()[1]}'
+    w = tmp_path / 'w'
+    args = cli_args(tokenizer_dir, w, total_steps=100_000, log_every=4, checkpoint_every=100_000)
+    procs = []
+    try:
+        for rank in range(2):
+            env = dict(no_jit_cache(os.environ), JAX_PLATFORMS='cpu', JAX_COORDINATOR_ADDRESS=coordinator,
+                       JAX_COORDINATOR_BIND_ADDRESS=coordinator, JAX_NUM_PROCESSES='2', JAX_PROCESS_ID=str(rank),
+                       XLA_FLAGS='--xla_force_host_platform_device_count=1', PYTHONUNBUFFERED='1')
+            procs.append(subprocess.Popen([sys.executable, '-m', 'var_jax.train'] + args, cwd=REPO, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        deadline = time.monotonic() + 600
+        while not (w / 'metrics.jsonl').exists() or max(losses(w), default=0) < 9:  # training, past a sync
+            assert time.monotonic() < deadline and all(p.poll() is None for p in procs), 'the ranks did not train'
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], '\n'.join(o[-2000:] for o in outs)
+    stopped = [re.findall(r'stopped by signal at step (\d+)', o) for o in outs]
+    assert len(stopped[0]) == len(stopped[1]) == 1 and stopped[0] == stopped[1], stopped
+    step = int(stopped[0][0])
+    assert step % 4 == 0 and checkpoint.TrainCheckpointer(w, read_only=True).latest_step() == step

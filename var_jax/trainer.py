@@ -242,7 +242,14 @@ def _join_from_checkpoint(task: Task, params, rest: TrainState, template: TrainS
 
 
 class _Stop:
-    """SIGTERM (TPU preemption) / SIGINT: finish the current step, save, exit."""
+    """SIGTERM (TPU preemption) / SIGINT: finish the current step, save, exit.
+
+    With several processes every one must stop after the same step, or the checkpoint's
+    collectives wait forever for the ranks that went on. A signal therefore only marks this
+    process; all processes compare marks at the next sync point (the logging steps, where they
+    already wait for the device) and stop together if any was marked. TPU preemption notices
+    arrive through JAX's preemption sync point, which is already agreed across processes.
+    """
 
     def __init__(self):
         self.signal = None
@@ -256,17 +263,20 @@ class _Stop:
     def _handle(self, signum, frame):
         self.signal = signum
 
-    def requested(self, step: int) -> bool:
-        if self.signal is not None:
-            return True
-        if jax.process_count() > 1:
-            try:
-                from jax.experimental import multihost_utils  # noqa: PLC0415
+    def requested(self, step: int, *, sync_point: bool) -> bool:
+        if jax.process_count() == 1:
+            return self.signal is not None
+        from jax.experimental import multihost_utils  # noqa: PLC0415
 
-                return bool(multihost_utils.reached_preemption_sync_point(step))
-            except Exception:  # noqa: BLE001  (no preemption service: plain multi-process run)
-                return False
-        return False
+        try:
+            if multihost_utils.reached_preemption_sync_point(step):
+                return True
+        except Exception:  # noqa: BLE001, S110  (no preemption service: plain multi-process run)
+            pass
+        if not sync_point:
+            return False
+        marks = multihost_utils.process_allgather(np.int32(self.signal is not None))
+        return bool(np.any(marks))
 
     def restore(self):
         for sig, old in self._old.items():
@@ -386,7 +396,7 @@ def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
             if step == _FAULT_KILL_AT:  # fault injection for tests: a hard kill right after this step
                 ckpt.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
-            if stop.requested(step):
+            if stop.requested(step, sync_point=step % log_every == 0):
                 p, r = _split_for_checkpoint(task, state)
                 ckpt.save(step, p, r, data_iter, force=True)
                 ckpt.wait()
