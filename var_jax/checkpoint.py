@@ -88,13 +88,15 @@ def abspath(path) -> epath.Path:
     return epath.Path(path) if '://' in str(path) else epath.Path(os.path.abspath(os.fspath(path)))
 
 
-def _this_process_only() -> ocp.StandardCheckpointer:
+def _only_me() -> ocp.options.MultiprocessingOptions:
     # Model checkpoints are small, host-local files: each process reads its own copy and process 0
     # alone writes one, so no barrier may wait for the other processes of a multi-host run.
     me = jax.process_index()
-    return ocp.StandardCheckpointer(
-        async_options=_sync_directories(),
-        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+    return ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+
+
+def _this_process_only() -> ocp.StandardCheckpointer:
+    return ocp.StandardCheckpointer(async_options=_sync_directories(), multiprocessing_options=_only_me())
 
 
 def save_model(out, *, vqvae, var=None, overwrite: bool = False, source: dict | None = None) -> None:
@@ -167,11 +169,8 @@ def _restore(directory, target, *, partial: bool = False):
     """`partial`: the directory may hold more models than `target`; only those in it are read."""
     try:
         if partial:
-            me = jax.process_index()
-            handler = ocp.PyTreeCheckpointHandler(
-                multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
-            with ocp.Checkpointer(handler, multiprocessing_options=ocp.options.MultiprocessingOptions(
-                    primary_host=me, active_processes={me})) as ckptr:
+            handler = ocp.PyTreeCheckpointHandler(multiprocessing_options=_only_me())
+            with ocp.Checkpointer(handler, multiprocessing_options=_only_me()) as ckptr:
                 return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
                     item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
                     partial_restore=True))
