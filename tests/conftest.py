@@ -101,3 +101,15 @@ def override(config, **dotted):
             node = node[p]
         node[leaf] = value
     return config
+
+
+def prepare_tiny_tfds(data_dir: pathlib.Path) -> pathlib.Path:
+    """The `var_jax_tiny` TFDS dataset (tests/data/make_tiny_tfds.py), prepared in a subprocess so
+    that the test process reads it without its builder class, like a dataset prepared elsewhere."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    r = subprocess.run([sys.executable, str(REPO / 'tests' / 'data' / 'make_tiny_tfds.py'), str(data_dir)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return data_dir

@@ -30,6 +30,8 @@ from var_jax.eval import tokenizer_metrics as tm
 from var_jax.models import VQVAEConfig, create
 from var_jax.models.perceptual import load_lpips_params, lpips
 
+from conftest import prepare_tiny_tfds
+
 DATA = pathlib.Path(__file__).resolve().parent / 'data'
 # 16 px (downsample 4, latent 4): LPIPS needs >= 16 px; three levels keep the compile short
 TOK = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4))
@@ -295,6 +297,23 @@ def test_cli_on_a_flat_folder(cli_inputs, vqvae, capsys):
     assert captured.out.splitlines()[0] == 'images: 10 (1 unreadable skipped)'
     got = json.loads(out.read_text())
     assert got['psnr'] == pytest.approx(_expected(vqvae, cli_inputs['images'], 10)[0], abs=1e-3)
+
+
+def test_cli_on_a_tfds_split(cli_inputs, capsys):
+    """--data tfds:NAME:SPLIT --data_dir: a prepared array_record dataset, read without TensorFlow."""
+    data_dir = prepare_tiny_tfds(cli_inputs['dir'] / 'tfds')
+    out = cli_inputs['dir'] / 'tfds.json'
+    code = cli.main(['--tokenizer', str(cli_inputs['tok']), '--data', 'tfds:var_jax_tiny:validation',
+                     '--data_dir', str(data_dir), '--batch_size', str(BATCH), '--workers', '0', '--out', str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert captured.out.splitlines()[0] == 'images: 5 (0 unreadable skipped)'
+    got = json.loads(out.read_text())
+    assert got['images'] == 5 and got['image_size'] == 16 and np.isfinite(got['psnr'])
+    code = cli.main(['--tokenizer', str(cli_inputs['tok']), '--data', 'tfds:var_jax_tiny:test', '--data_dir',
+                     str(data_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and 'var_jax_tiny' in err and 'Traceback' not in err
 
 
 def test_cli_with_inception(cli_inputs, vqvae, capsys):

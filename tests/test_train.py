@@ -25,7 +25,7 @@ from PIL import Image
 from var_jax import checkpoint, config_lib, metrics, train
 from var_jax.models import VAR, VQVAEConfig, create
 
-from conftest import REPO, no_jit_cache, override
+from conftest import REPO, no_jit_cache, override, prepare_tiny_tfds
 
 TOK = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
                   using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))
@@ -142,31 +142,37 @@ def test_ema_weights_are_what_inference_loads(tokenizer_dir, tmp_path):
     np.testing.assert_allclose(head(ema), head(init), atol=1e-5)  # decay ~1: the EMA is still the init
 
 
-@pytest.mark.parametrize('layout', ['classes', 'flat'])
+@pytest.mark.parametrize('layout', ['classes', 'flat', 'tfds'])
 def test_corrupt_images_are_skipped_and_counted(tmp_path, layout):
-    """An image folder with class subfolders, or flat (one class), with an unreadable and an empty file."""
+    """Each image source with unreadable records: an image folder with class subfolders, a flat
+    one (one class), and a prepared TFDS dataset read as array_record without TensorFlow."""
     root = tmp_path / 'images'
     rng = np.random.default_rng(0)
-    for c in ('a', 'b'):
-        (root / c).mkdir(parents=True)
-        for i in range(6):
-            Image.fromarray(rng.integers(0, 255, (20, 24, 3), np.uint8)).save(root / c / f'{i}.png')
-    (root / 'a' / '3.png').write_bytes(b'not an image')
-    (root / 'b' / '0.png').write_bytes(b'')
-    if layout == 'flat':
-        for f in sorted(root.glob('*/*.png')):
-            f.rename(root / f'{f.parent.name}{f.name}')
+    if layout == 'tfds':
+        data = config_lib.data_config(source='tfds', name='var_jax_tiny', data_dir=str(prepare_tiny_tfds(root)),
+                                      image_size=16, workers=0)
+    else:
         for c in ('a', 'b'):
-            (root / c).rmdir()
+            (root / c).mkdir(parents=True)
+            for i in range(6):
+                Image.fromarray(rng.integers(0, 255, (20, 24, 3), np.uint8)).save(root / c / f'{i}.png')
+        (root / 'a' / '3.png').write_bytes(b'not an image')
+        (root / 'b' / '0.png').write_bytes(b'')
+        if layout == 'flat':
+            for f in sorted(root.glob('*/*.png')):
+                f.rename(root / f'{f.parent.name}{f.name}')
+            for c in ('a', 'b'):
+                (root / c).rmdir()
+        data = config_lib.data_config(source='imagefolder', path=str(root), image_size=16, workers=0)
     tok = VQVAEConfig(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
                       using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))
     checkpoint.save_model(tmp_path / 'tok', vqvae=create(tok, seed=1))
     c = tiny_config(tmp_path / 'tok', **{'total_steps': 3, 'batch_size': 8})
-    c.data = config_lib.data_config(source='imagefolder', path=str(root), image_size=16, workers=0)
+    c.data = data
     out = train.run(c, tmp_path / 'w')
     assert out['data_skipped_total'] >= 1 and np.isfinite(out['Lm'])
     vq, var = checkpoint.load_model(tmp_path / 'w', need_var=True)
-    assert var.config.num_classes == (2 if layout == 'classes' else 1)
+    assert var.config.num_classes == {'classes': 2, 'flat': 1, 'tfds': 3}[layout]
     vq_only, none = checkpoint.load_model(tmp_path / 'w', tokenizer_only=True)  # from beside the VAR checkpoints
     assert none is None
     jax.tree.map(np.testing.assert_array_equal, nnx.state(vq_only, nnx.Param), nnx.state(vq, nnx.Param))
