@@ -310,6 +310,9 @@ def test_cli_on_a_tfds_split(cli_inputs, capsys):
     assert captured.out.splitlines()[0] == 'images: 5 (0 unreadable skipped)'
     got = json.loads(out.read_text())
     assert got['images'] == 5 and got['image_size'] == 16 and np.isfinite(got['psnr'])
+    code = cli.main(['--tokenizer', str(cli_inputs['tok']), '--data', 'tfds:var_jax_tiny:validation[:3]',
+                     '--data_dir', str(data_dir), '--batch_size', str(BATCH), '--workers', '0'])
+    assert code == 0 and capsys.readouterr().out.splitlines()[0] == 'images: 3 (0 unreadable skipped)'
     code = cli.main(['--tokenizer', str(cli_inputs['tok']), '--data', 'tfds:var_jax_tiny:test', '--data_dir',
                      str(data_dir)])
     err = capsys.readouterr().err
