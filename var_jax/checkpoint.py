@@ -16,12 +16,15 @@ import uuid
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from var_jax import outputs
 from var_jax.models import VARConfig, VQVAEConfig, abstract, check_pair
+from var_jax.models.config import to_jnp_dtype
 
 MODEL_FILE = 'model.json'
 FORMAT = 'var_jax.model/1'
@@ -99,14 +102,22 @@ def _this_process_only() -> ocp.StandardCheckpointer:
     return ocp.StandardCheckpointer(async_options=_sync_directories(), multiprocessing_options=_only_me())
 
 
+MODEL_ENTRIES = frozenset({MODEL_FILE, 'params'})  # all that save_model writes: what --force may replace
+
+
+def check_model_output(out, *, overwrite: bool):
+    """May `save_model(out, overwrite=...)` write there? Checked by the tools before any work;
+    `--force` replaces only a previous model checkpoint (var_jax.outputs)."""
+    return outputs.check_dir_output(out, force=overwrite, own=MODEL_ENTRIES, what='a model checkpoint')
+
+
 def save_model(out, *, vqvae, var=None, overwrite: bool = False, source: dict | None = None) -> None:
-    """Write a model checkpoint directory atomically (temporary sibling, then rename)."""
-    out = abspath(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f'{out} exists; pass --force to overwrite')
+    """Write a model checkpoint directory atomically (temporary sibling, then rename); an existing
+    one is replaced (with `overwrite`) only after the new one is complete."""
+    out = abspath(check_model_output(out, overwrite=overwrite))
     if var is not None:
         check_pair(vqvae.config, var.config)
-    tmp = out.parent / f'.{out.name}.tmp-{uuid.uuid4().hex[:8]}'
+    tmp = outputs.temp_sibling(out)
     try:
         params = {'vqvae': nnx.state(vqvae, nnx.Param)}
         if var is not None:
@@ -116,20 +127,40 @@ def save_model(out, *, vqvae, var=None, overwrite: bool = False, source: dict | 
             ckptr.save(tmp / 'params', params)
             ckptr.wait_until_finished()
         write_model_json(tmp, vqvae=vqvae.config, var=var.config if var else None, source=source or {})
-        if out.exists():
-            shutil.rmtree(os.fspath(out))
-        tmp.rename(out)
+        outputs.replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(os.fspath(tmp), ignore_errors=True)
 
 
+def check_finite(params, where) -> None:
+    """Refuse NaN / Inf parameters (a diverged run, a damaged file): sampled, they give a garbage
+    grid with exit code 0. One reduction per array, on the arrays' devices."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    ok = jax.jit(lambda xs: [jnp.isfinite(x).all() for x in xs])([x for _, x in flat])
+    bad = [_dotted(p) for (p, _), f in zip(flat, ok) if not bool(np.asarray(f.addressable_data(0)))]
+    if bad:
+        shown = ', '.join(bad[:5]) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+        raise ValueError(f'{where}: non-finite (NaN or Inf) parameters in {shown}')
+
+
+def _dotted(path) -> str:
+    names = []
+    for k in path:
+        name = getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k)))
+        if name != 'value':
+            names.append(str(name))
+    return '.'.join(names)
+
+
 def load_model(path, *, step: int | None = None, need_var: bool = False, tokenizer_only: bool = False,
-               shardings=None):
-    """Model checkpoint or training workdir -> (VQVAE, VAR or None), float32 NNX modules.
+               shardings=None, dtype: str | None = None):
+    """Model checkpoint or training workdir -> (VQVAE, VAR or None), NNX modules with float32
+    parameters. Non-finite parameters are refused.
 
     `tokenizer_only`: read the VQVAE alone (VAR -> None) without restoring the VAR weights, which
-    for a large VAR are most of the bytes."""
+    for a large VAR are most of the bytes. `dtype`: the models' compute dtype ('float32',
+    'bfloat16'; default: as saved in model.json); the parameters stay float32 either way."""
     path = abspath(path)
     if not path.exists():
         raise ValueError(f'{path}: no such checkpoint directory')
@@ -160,6 +191,11 @@ def load_model(path, *, step: int | None = None, need_var: bool = False, tokeniz
             raise ValueError(f'{path}: holds no tokenizer parameters and names no tokenizer')
         tok_path = epath.Path(tok) if epath.Path(tok).is_absolute() else path / tok
         params['vqvae'] = nnx.state(load_model(tok_path, shardings={'vqvae': sh.get('vqvae')})[0], nnx.Param)
+    check_finite(params, path)
+    if dtype is not None:
+        to_jnp_dtype(dtype)  # a clear error for an unknown name
+        vq_cfg = vq_cfg.replace(dtype=dtype)
+        var_cfg = var_cfg.replace(dtype=dtype) if var_cfg is not None else None
     vqvae = merge_params(vq_cfg, params['vqvae'])
     var = merge_params(var_cfg, params['var']) if want_var else None
     return vqvae, var

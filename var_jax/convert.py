@@ -29,6 +29,16 @@ Path = tuple[Any, ...]
 
 
 # ---------------------------------------------------------------------------- helpers
+def check_finite(sd: dict, skip, what: str) -> None:
+    """Refuse NaN / Inf weights (a diverged run, a damaged download): converted, they would
+    sample a garbage grid with exit code 0. Buffers (`skip`) are exempt: the attention mask holds -inf."""
+    bad = sorted(k for k, v in sd.items() if not skip(k) and np.issubdtype(np.asarray(v).dtype, np.inexact)
+                 and not np.isfinite(np.asarray(v, np.float32)).all())
+    if bad:
+        shown = ', '.join(map(repr, bad[:5])) + (f' and {len(bad) - 5} more' if len(bad) > 5 else '')
+        raise ValueError(f'{what}: non-finite (NaN or Inf) values in {shown}')
+
+
 def _require(sd: dict, key: str, what: str) -> np.ndarray:
     if key not in sd:
         raise ValueError(f'not a {what} state dict: missing key {key!r}')
@@ -113,6 +123,7 @@ def _vqvae_path(key: str, arr: np.ndarray) -> tuple[Path, np.ndarray]:
 
 
 def vqvae_from_state(sd: dict[str, np.ndarray], cfg: VQVAEConfig | None = None) -> VQVAE:
+    check_finite(sd, lambda k: k in VAE_BUFFERS, 'VQVAE')
     cfg = cfg or vqvae_config_from_state(sd)
     flat = {}
     for key, arr in sd.items():
@@ -204,6 +215,7 @@ def _var_entry(key: str, arr: np.ndarray, cfg: VARConfig) -> tuple[Path, int | N
 
 
 def var_from_state(sd: dict[str, np.ndarray], cfg: VARConfig | None = None) -> VAR:
+    check_finite(sd, VAR_BUFFERS.match, 'VAR')
     cfg = cfg or var_config_from_state(sd)
     if 'lvl_1L' in sd and _patch_nums_from_levels(sd['lvl_1L']) != tuple(cfg.patch_nums):
         raise ValueError(f'VAR: lvl_1L describes patch_nums {_patch_nums_from_levels(sd["lvl_1L"])}, '
@@ -258,10 +270,12 @@ def main(argv=None) -> int:
     p.add_argument('--var', help='official VAR weights (var_d16.pth ... var_d36.pth)')
     p.add_argument('--out', required=True, help='output directory (an Orbax model checkpoint)')
     p.add_argument('--patch_nums', help='comma-separated scales, if they cannot be inferred')
-    p.add_argument('--force', action='store_true', help='overwrite --out if it exists')
+    p.add_argument('--force', action='store_true',
+                   help='replace --out if it is a previous converted checkpoint (never any other directory)')
     args = p.parse_args(argv)
     from var_jax import checkpoint  # noqa: PLC0415  (keeps `load_official` free of Orbax)
     try:
+        checkpoint.check_model_output(args.out, overwrite=args.force)  # before any work: nothing lost
         pns = tuple(int(x) for x in args.patch_nums.split(',')) if args.patch_nums else None
         vqvae, var = load_official(args.vae, args.var, pns)
         checkpoint.save_model(args.out, vqvae=vqvae, var=var, overwrite=args.force,

@@ -20,7 +20,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from var_jax.data import builtin
+from var_jax.data import builtin, images
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
 MAX_SKIP = 16  # how far a corrupt image looks for a readable replacement
@@ -135,7 +135,7 @@ def decode(image: Any) -> Image.Image:
         return Image.fromarray(image)
     im = Image.open(io.BytesIO(image))
     im.load()
-    return im.convert('RGB')
+    return images.to_rgb8(im)  # 16-bit greyscale scaled, not clipped to white
 
 
 def resize_shorter(im: Image.Image, size: int) -> Image.Image:
