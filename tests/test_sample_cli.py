@@ -92,7 +92,7 @@ def test_grid_progression_and_seeds(ckpt, tmp_path, capsys):
     sample(ckpt, capsys, *args, '--out', a)
     first = a.read_bytes()
     traces = sampling.TRACE_COUNT['generate']
-    sample(ckpt, capsys, *args, '--out', a)  # overwrites
+    sample(ckpt, capsys, *args, '--out', a, '--force')  # overwrites
     sample(ckpt, capsys, *args, '--out', c, '--seed', 1)
     assert sampling.TRACE_COUNT['generate'] == traces, 'same batch shape must not retrace'
     assert a.read_bytes() == first, 'same seed and settings must give the same grid'
@@ -249,7 +249,7 @@ def _no_files(d):
     (['--classes', '3,10'], 'unknown class 10'),
     (['--classes', '3,x'], 'comma-separated'),
     (['--cfg', '-1'], '--cfg'),
-    (['--top_p', '0'], '--top_p'),
+    (['--top_p', '-0.1'], '--top_p'),
     (['--top_p', '1.5'], '--top_p'),
     (['--top_k', '-1'], '--top_k'),
     (['--per_class', '0'], '--per_class'),
@@ -291,10 +291,111 @@ def test_edit_bad_input(ckpt, tmp_path, capsys, case, match):
     elif case == 'no VAR':
         args['--checkpoint'] = ckpt / 'tokenizer'
     else:
-        extra = ['--top_p', 0]
+        extra = ['--top_p', 1.5]
     rc, err = run(edit_cli.main, [x for kv in args.items() for x in kv] + extra, capsys)
     assert rc == 2 and err.startswith('error: ') and err.count('\n') == 1 and match in err, err
     assert not (tmp_path / 'out').exists()
+
+
+@pytest.fixture
+def loads(monkeypatch):
+    """The keyword arguments of every checkpoint.load_model call (wrapping the module's cache)."""
+    calls, inner = [], checkpoint.load_model
+
+    def load_model(path, **kw):
+        calls.append(kw)
+        return inner(path, **kw)
+
+    monkeypatch.setattr(checkpoint, 'load_model', load_model)
+    return calls
+
+
+@pytest.mark.parametrize('case,match', [
+    ('exists', 'exists; pass --force'), ('directory', 'is a directory'), ('no parent', 'no such directory'),
+    ('parent is a file', 'not a directory'), ('suffix', 'unknown image suffix'), ('npz exists', 'exists; pass --force'),
+    ('npz directory', 'is a directory'), ('npz no parent', 'no such directory'),
+])
+@pytest.mark.parametrize('tool', ['sample', 'edit'])
+def test_outputs_checked_before_loading(ckpt, tmp_path, capsys, loads, tool, case, match):
+    """One rule for every output: a bad --out / --npz is one error line, before any model is loaded."""
+    if tool == 'edit' and case.startswith('npz'):
+        pytest.skip('edit writes no .npz')
+    image, mask = _edit_inputs(tmp_path)
+    (tmp_path / 'taken.png').write_bytes(b'old')
+    (tmp_path / 'taken.npz').write_bytes(b'old')
+    (tmp_path / 'dir.png').mkdir()
+    (tmp_path / 'dir.npz').mkdir()
+    out = {'exists': 'taken.png', 'directory': 'dir.png', 'no parent': 'no/g.png', 'parent is a file': 'taken.png/g.png',
+           'suffix': 'g.xyz', 'npz exists': 'taken.npz', 'npz directory': 'dir.npz', 'npz no parent': 'no/s.npz'}[case]
+    flag = '--npz' if case.startswith('npz') else '--out'
+    before = sorted(str(p) for p in tmp_path.rglob('*'))
+    if tool == 'sample':
+        argv = ['--checkpoint', ckpt / 'model', '--classes', 1, '--per_class', 1, flag, tmp_path / out]
+        rc, err = run(sample_cli.main, argv, capsys)
+    else:
+        argv = ['--checkpoint', ckpt / 'model', '--image', image, '--mask', mask, '--out', tmp_path / out]
+        rc, err = run(edit_cli.main, argv, capsys)
+    assert rc == 2 and err.startswith('error: ') and err.count('\n') == 1 and match in err, err
+    assert loads == [], 'checked before loading the model'
+    assert sorted(str(p) for p in tmp_path.rglob('*')) == before and (tmp_path / 'taken.png').read_bytes() == b'old'
+
+
+def test_output_format_force_top_p_0_and_dtype(ckpt, tmp_path, capsys, loads):
+    """--out x.jpg writes JPEG; --force replaces; --top_p 0 means off (as in the library and the
+    configs); --dtype sets the compute dtype of both models, parameters stay float32."""
+    image, mask = _edit_inputs(tmp_path)
+    jpg = tmp_path / 'g.jpg'
+    args = ['--classes', '3', '--per_class', 2, '--batch_size', 8, '--top_p', 0, '--out', jpg]
+    sample(ckpt, capsys, *args)
+    assert jpg.read_bytes()[:3] == b'\xff\xd8\xff' and Image.open(jpg).format == 'JPEG'
+    assert sample_cli.check_settings(1.5, 900, 0, False).top_p == 0
+    rc, err = run(sample_cli.main, ['--checkpoint', ckpt / 'model', *args], capsys)
+    assert rc == 2 and 'exists' in err
+    jpg.write_bytes(b'old')
+    sample(ckpt, capsys, *args, '--force')
+    assert Image.open(jpg).format == 'JPEG'
+    edited = tmp_path / 'e.webp'
+    for _ in range(2):
+        rc, err = run(edit_cli.main, ['--checkpoint', ckpt / 'model', '--image', image, '--mask', mask,
+                                      '--out', edited, '--force', '--top_p', 0], capsys)
+        assert rc == 0, err
+    assert Image.open(edited).format == 'WEBP'
+    assert all(kw.get('dtype') is None for kw in loads)
+
+    ck = sample_cli.open_checkpoint(str(ckpt / 'model'))
+    vq, var = ck.load(dtype='bfloat16')
+    assert vq.config.dtype == var.config.dtype == 'bfloat16'
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(var, nnx.Param))} == {jnp.dtype('float32')}
+    loads.clear()
+    sample(ckpt, capsys, '--classes', '3', '--per_class', 2, '--batch_size', 8, '--dtype', 'bfloat16',
+           '--out', tmp_path / 'bf16.png')
+    assert loads and all(kw.get('dtype') == 'bfloat16' for kw in loads)
+    assert png(tmp_path / 'bf16.png').shape[0] == 66 + 2
+    rc, err = run(sample_cli.main, ['--checkpoint', ckpt / 'model', '--dtype', 'float8', '--out', tmp_path / 'x.png'],
+                  capsys)
+    assert rc == 2 and '--dtype' in err
+
+
+def test_edit_reads_16_bit_images(tmp_path):
+    """A 16-bit greyscale PNG is scaled to 8 bits, not clipped to white (image and mask alike)."""
+    v = np.full((8, 8), 32896, np.uint16)  # 128 / 255 in 16 bits
+    Image.fromarray(v).save(tmp_path / 'grey16.png')
+    m = np.zeros((8, 8), np.uint16)
+    m[:4] = 65535
+    Image.fromarray(m).save(tmp_path / 'mask16.png')
+    rgb, mask = edit_cli.load_inputs(str(tmp_path / 'grey16.png'), str(tmp_path / 'mask16.png'), 8)
+    np.testing.assert_allclose(rgb, 128 / 255, atol=1e-6)
+    np.testing.assert_array_equal(mask, (m > 0).astype(np.float64))
+
+
+def test_damaged_npz_part_is_named(ckpt, tmp_path, capsys):
+    out = tmp_path / 's.npz'
+    args = ['--classes', '1,2', '--per_class', 2, '--batch_size', 8, '--chunk_size', 2, '--npz', out]
+    sample(ckpt, capsys, *args, '--max_chunks', 1)
+    part = tmp_path / 's.npz.parts' / 'part_00000.npy'
+    part.write_bytes(part.read_bytes()[:-20])  # truncated, e.g. by a full disk
+    rc, err = run(sample_cli.main, ['--checkpoint', ckpt / 'model', *args], capsys)
+    assert rc == 2 and err.startswith('error: ') and err.count('\n') == 1 and str(part) in err, err
 
 
 def test_module_entry_point(tmp_path):

@@ -27,8 +27,9 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
-from var_jax import cli, editing
-from var_jax.sample import Parser, add_sampling_flags, check_settings, open_checkpoint, save_png
+from var_jax import cli, editing, outputs
+from var_jax.data.images import to_l8, to_rgb8
+from var_jax.sample import Parser, add_sampling_flags, check_settings, open_checkpoint
 
 DEMO = dict(cfg=3.0, top_k=900, top_p=0.95, more_smooth=True)  # demo_zero_shot_edit.ipynb's call
 
@@ -53,8 +54,8 @@ def load_inputs(image_path: str, mask_path: str, size: int) -> tuple[np.ndarray,
     if mask.size != image.size:
         raise ValueError(f'{mask_path}: the mask is {mask.size[0]}x{mask.size[1]} but the image is '
                          f'{image.size[0]}x{image.size[1]}; they must have the same size')
-    rgb = fit(image.convert('RGB'), size, Image.Resampling.LANCZOS).astype(np.float32) / 255
-    m = fit(mask.convert('L'), size, Image.Resampling.BOX).astype(np.float64) / 255
+    rgb = fit(to_rgb8(image), size, Image.Resampling.LANCZOS).astype(np.float32) / 255  # 16-bit: scaled
+    m = fit(to_l8(mask), size, Image.Resampling.BOX).astype(np.float64) / 255
     return rgb, m
 
 
@@ -68,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--mode', choices=('inpaint', 'outpaint', 'edit'), default='inpaint',
                    help='inpaint (default), outpaint or edit, see below')
     p.add_argument('--class', dest='label', type=int, help='class to generate (required for --mode edit)')
-    p.add_argument('--out', required=True, help='output PNG (the edited image at the model resolution)')
+    p.add_argument('--out', required=True, help='output image, PNG or the format its suffix names (.jpg, .webp, '
+                                                '...): the edited image at the model resolution')
+    p.add_argument('--force', action='store_true', help='overwrite an existing --out file')
     add_sampling_flags(p, 'the demo: cfg 3, top_k 900, top_p 0.95, --more_smooth')
     return p
 
@@ -84,13 +87,15 @@ def run(args: argparse.Namespace) -> int:
     if args.label is not None and not 0 <= args.label < n:
         raise ValueError(f'unknown class {args.label}: this model has classes 0..{n - 1}')
     image, mask = load_inputs(args.image, args.mask, ck.image_size)
-    vqvae, var = ck.load()
+    outputs.image_format(args.out)  # before the model is loaded
+    outputs.check_file_output(args.out, force=args.force)
+    vqvae, var = ck.load(args.dtype)
     label = n if args.label is None else args.label  # n: the null class, unconditional as in the demo
     region = 1 - mask if args.mode == 'outpaint' else mask  # editing.edit wants 1 = generate
     out, _, free = editing.edit(var, vqvae, image[None], region, label, jax.random.key(args.seed),
                                 cfg=settings.cfg, top_k=settings.top_k, top_p=settings.top_p,
                                 more_smooth=settings.more_smooth)
-    save_png(args.out, np.asarray(out[0]))
+    outputs.save_image(args.out, np.asarray(out[0]))
     sampled = sum(int(f.sum()) for f in free)
     print(f'wrote {args.out}: {args.mode}, {sampled}/{sum(f.size for f in free)} tokens generated, '
           f'{"unconditional" if label == n else f"class {label}"}, {settings.describe()}, seed {args.seed}',

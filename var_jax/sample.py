@@ -55,13 +55,14 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from var_jax import checkpoint, cli, metrics, sampling, viz
+from var_jax import checkpoint, cli, metrics, outputs, sampling, viz
 
 PRESETS = {
     'official': dict(cfg=1.5, top_k=900, top_p=0.96, more_smooth=False),
     'paper': dict(cfg=2.0, top_k=900, top_p=0.96, more_smooth=False),
     'demo': dict(cfg=4.0, top_k=900, top_p=0.95, more_smooth=False),
 }
+DTYPES = ('float32', 'bfloat16')
 DEMO_CLASSES = (980, 437, 22, 562)  # demo_sample.ipynb: volcano, beacon, bald eagle, fountain
 SAMPLES_FORMAT = 'var_jax.samples/1'
 MANIFEST = 'manifest.json'
@@ -86,8 +87,8 @@ def check_settings(cfg: float, top_k: int, top_p: float, more_smooth: bool) -> S
         raise ValueError(f'--cfg must be a number >= 0 (0 = no guidance), got {cfg:g}')
     if top_k < 0:
         raise ValueError(f'--top_k must be >= 0 (0 = off), got {top_k}')
-    if not 0 < top_p <= 1:  # 1 keeps every token; the sampler's "0 = off" is not offered here
-        raise ValueError(f'--top_p must be in (0, 1] (1 = off), got {top_p:g}')
+    if not 0 <= top_p <= 1:  # 0 = off, as in var_jax.sampling and the configs (1 keeps every token too)
+        raise ValueError(f'--top_p must be in [0, 1] (0 = off), got {top_p:g}')
     return Settings(float(cfg), int(top_k), float(top_p), bool(more_smooth))
 
 
@@ -102,10 +103,13 @@ def add_sampling_flags(p: argparse.ArgumentParser, defaults: str) -> None:
     g.add_argument('--cfg', type=float, help='classifier-free guidance scale, >= 0; ramps linearly from 0 at the '
                                              'first scale to this value at the last (official)')
     g.add_argument('--top_k', type=int, help='keep the k most likely tokens, >= 0 (0 = off)')
-    g.add_argument('--top_p', type=float, help='nucleus sampling mass, in (0, 1] (1 = off)')
+    g.add_argument('--top_p', type=float, help='nucleus sampling mass, in [0, 1] (0 = off)')
     g.add_argument('--more_smooth', action=argparse.BooleanOptionalAction, default=None,
                    help='official Gumbel-softmax blending of code vectors: smoother pictures; never for FID')
     g.add_argument('--seed', type=int, default=0, help='sampling seed, >= 0 (default 0)')
+    g.add_argument('--dtype', choices=DTYPES,
+                   help='compute dtype of VAR and VQVAE (default: as saved in model.json, float32 for converted '
+                        'checkpoints); the parameters stay float32')
 
 
 class Parser(argparse.ArgumentParser):
@@ -133,9 +137,10 @@ class Checkpoint:
     def fingerprint(self) -> str:
         return hashlib.sha256((self.path / checkpoint.MODEL_FILE).read_bytes()).hexdigest()[:16]
 
-    def load(self):
-        """-> (vqvae, var); the parameters are read only now, after every cheap check passed."""
-        return checkpoint.load_model(self.path, step=self.step, need_var=True)
+    def load(self, dtype: str | None = None):
+        """-> (vqvae, var); the parameters are read only now, after every cheap check passed.
+        `dtype`: compute dtype of both models (None: as saved)."""
+        return checkpoint.load_model(self.path, step=self.step, need_var=True, dtype=dtype)
 
 
 def open_checkpoint(path: str, step: int | None = None) -> Checkpoint:
@@ -288,7 +293,6 @@ def file_order(classes, per_class: int, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 # ---------------------------------------------------------------------------- outputs
-save_png = viz.save_png
 
 
 def _atomic_write(path: pathlib.Path, data: bytes) -> None:
@@ -321,11 +325,11 @@ class NpzRun:
         return min(self.chunk, self.n - c * self.chunk)
 
     def check(self, force: bool) -> None:
-        """Refuse what cannot be continued; writes nothing."""
+        """Refuse what cannot be continued or written; writes nothing."""
         if not self.parts.exists():
-            if self.out.exists() and not force:
-                raise ValueError(f'{self.out} exists; pass --force to overwrite it')
+            outputs.check_file_output(self.out, force=force, flag='--npz')
             return
+        outputs.check_file_output(self.out, force=True, flag='--npz')  # an interrupted run may replace it
         try:
             theirs = json.loads((self.parts / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError) as e:
@@ -347,11 +351,22 @@ class NpzRun:
             if not self.part(c).exists():
                 missing.append(c)
                 continue
-            shape = np.load(self.part(c), mmap_mode='r').shape
+            shape = self._load(c, mmap_mode='r').shape
             if shape != (self.chunk_len(c),) + self.shape:
                 raise ValueError(f'{self.part(c)} holds {shape}, expected {(self.chunk_len(c),) + self.shape}; '
                                  f'delete {self.parts}/ to start over')
         return missing
+
+    def _load(self, c: int, mmap_mode=None) -> np.ndarray:
+        """A finished part; a damaged one (a full disk, a copy cut short) is named."""
+        try:
+            a = np.load(self.part(c), mmap_mode=mmap_mode, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise ValueError(f'{self.part(c)}: damaged part file ({" ".join(str(e).split())}); delete it to '
+                             'sample that chunk again') from None
+        if a.dtype != np.uint8:
+            raise ValueError(f'{self.part(c)}: holds {a.dtype}, expected uint8; delete it to sample that chunk again')
+        return a
 
     def write_part(self, c: int, images: np.ndarray) -> None:
         _atomic_write(self.part(c), _npy_bytes(images))
@@ -366,7 +381,7 @@ class NpzRun:
                     np.lib.format.write_array_header_1_0(
                         fh, {'descr': '|u1', 'fortran_order': False, 'shape': (self.n,) + self.shape})
                     for c in range(self.num_chunks):
-                        fh.write(np.ascontiguousarray(np.load(self.part(c))).data)
+                        fh.write(np.ascontiguousarray(self._load(c)).data)
                 zf.writestr('arr_1.npy', _npy_bytes(labels))
             os.replace(tmp, self.out)
         finally:
@@ -418,12 +433,14 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument('--all_classes', action='store_true', help='every class of the model')
     what.add_argument('--per_class', type=int, help='images per class (default 4 for PNGs, 50 for --npz)')
     out = p.add_argument_group('output (one of)')
-    out.add_argument('--out', help='PNG: a grid, one row per class labelled with its index and name')
+    out.add_argument('--out', help='image (PNG, or the format its suffix names: .jpg, .webp, ...): a grid, one row '
+                                   'per class labelled with its index and name')
     out.add_argument('--npz', help='ADM sample batch (.npz) for FID, see below')
     out.add_argument('--progression', action='store_true',
                      help='with --out: one strip per image, the image decoded after each scale, coarse to fine')
     out.add_argument('--force', action='store_true',
-                     help='overwrite an existing --npz file (an interrupted run in its .parts/ still continues)')
+                     help='overwrite an existing --out or --npz file (an interrupted run in its .parts/ continues '
+                          'without it)')
     out.add_argument('--chunk_size', type=int, default=1000,
                      help='--npz: images per resumable part file (default 1000)')
     out.add_argument('--max_chunks', type=int, default=0, help=argparse.SUPPRESS)  # tests: stop early
@@ -480,6 +497,9 @@ def run(args: argparse.Namespace) -> int:
         classes = list(DEMO_CLASSES) if n_cls == 1000 else list(range(min(n_cls, 8)))
     per_class = args.per_class or (50 if args.npz else 4)
     devices = _devices(args.num_devices)
+    if args.out:  # before the model is loaded: a bad path must not cost a minute of sampling
+        outputs.image_format(args.out)
+        outputs.check_file_output(args.out, force=args.force)
     if args.npz:
         return sample_npz(args, ck, settings, classes, per_class, devices)
     return sample_png(args, ck, settings, classes, per_class, devices)
@@ -492,7 +512,7 @@ def sample_npz(args, ck: Checkpoint, settings: Settings, classes, per_class: int
                     chunk_size=args.chunk_size, **dataclasses.asdict(settings), classes=classes)
     npz = NpzRun(args.npz, manifest, len(labels), args.chunk_size, ck.image_size)
     npz.check(args.force)
-    vqvae, var = ck.load()
+    vqvae, var = ck.load(args.dtype)
     sampler = Sampler(var, vqvae, settings, args.seed, args.batch_size, devices)
     t0 = time.perf_counter()
     if not write_npz(sampler, npz, labels, index, args.max_chunks):
@@ -507,7 +527,7 @@ def sample_png(args, ck: Checkpoint, settings: Settings, classes, per_class: int
     labels = np.repeat(np.asarray(classes, np.int64), per_class)
     index = np.tile(np.arange(per_class, dtype=np.int64), len(classes))
     names = class_names(ck.meta, ck.num_classes)
-    vqvae, var = ck.load()
+    vqvae, var = ck.load(args.dtype)
     sampler = Sampler(var, vqvae, settings, args.seed, args.batch_size, devices, progression=args.progression)
     images, frames = [], []
     progress = Progress(len(labels))
@@ -524,7 +544,7 @@ def sample_png(args, ck: Checkpoint, settings: Settings, classes, per_class: int
     else:
         png = viz.grid(np.concatenate(images), len(classes), per_class,
                        row_labels=[row_label(c, names) for c in classes])
-    save_png(args.out, png)
+    outputs.save_image(args.out, png)
     print(f'wrote {args.out} ({settings.describe()}, seed {args.seed})', file=sys.stderr)
     return 0
 
