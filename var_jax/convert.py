@@ -45,13 +45,36 @@ def _require(sd: dict, key: str, what: str) -> np.ndarray:
     return sd[key]
 
 
+def _vote(sd: dict, what: str, *sources: tuple[str, int], extra: tuple[int, ...] = ()) -> int:
+    """One config dimension read from several keys (key, axis): the most common value, ties going
+    to the first source. A single mis-shaped key then cannot change the inferred architecture; it
+    stays the odd one out and the shape check names it, instead of every key that depends on it."""
+    values = [int(sd[k].shape[ax]) for k, ax in sources if k in sd and sd[k].ndim > ax] + list(extra)
+    if not values:
+        raise ValueError(f'not a {what} state dict: missing key {sources[0][0]!r}')
+    return max(values, key=lambda v: (values.count(v), -values.index(v)))
+
+
 def _indices(sd: dict, pattern: str) -> list[int]:
     rx = re.compile(pattern)
     return sorted({int(m.group(1)) for k in sd for m in [rx.match(k)] if m})
 
 
-def _fill(abstract_model: nnx.Module, flat: dict[Path, tuple[str, np.ndarray]], what: str) -> nnx.Module:
-    """Put converted arrays into an abstract model, checking coverage and shapes."""
+def _shape_error(what: str, key: str, got, want) -> ValueError:
+    return ValueError(f'{what}: key {key!r} has shape {tuple(got)}, expected {tuple(want)} '
+                      '(checkpoint from another model?)')
+
+
+def _missing_error(what: str, keys: list[str]) -> ValueError:
+    shown = ', '.join(map(repr, keys[:5])) + (f' and {len(keys) - 5} more' if len(keys) > 5 else '')
+    return ValueError(f'{what}: checkpoint is missing key{"s" if len(keys) > 1 else ""} {shown}')
+
+
+def _fill(abstract_model: nnx.Module, flat: dict[Path, tuple[str, np.ndarray]], what: str,
+          official_key, official_shape) -> nnx.Module:
+    """Put converted arrays into an abstract model, checking coverage and shapes. Errors speak the
+    official state dict's language: `official_key(path)` and `official_shape(path, shape)` map a
+    var_jax parameter back to the key and shape the checkpoint should have held."""
     graphdef, state = nnx.split(abstract_model)
     targets = dict(nnx.to_flat_state(state))
     for path, (key, arr) in flat.items():
@@ -59,12 +82,10 @@ def _fill(abstract_model: nnx.Module, flat: dict[Path, tuple[str, np.ndarray]], 
             raise ValueError(f'{what}: unexpected key {key!r} for this architecture')
         want = tuple(targets[path].shape)
         if tuple(arr.shape) != want:
-            raise ValueError(f'{what}: key {key!r} has shape {tuple(arr.shape)}, expected {want} '
-                             '(checkpoint from another model?)')
-    missing = [p for p in targets if p not in flat]
+            raise _shape_error(what, key, official_shape(path, tuple(arr.shape)), official_shape(path, want))
+    missing = [official_key(p) for p in targets if p not in flat]
     if missing:
-        raise ValueError(f'{what}: checkpoint is missing {len(missing)} parameter(s), first: '
-                         f'{".".join(map(str, missing[0]))}')
+        raise _missing_error(what, missing)
     for path, (_, arr) in flat.items():
         targets[path].set_value(np.asarray(arr, np.float32))
     return nnx.merge(graphdef, nnx.from_flat_state(targets))
@@ -73,12 +94,14 @@ def _fill(abstract_model: nnx.Module, flat: dict[Path, tuple[str, np.ndarray]], 
 # ---------------------------------------------------------------------------- VQVAE
 def vqvae_config_from_state(sd: dict[str, np.ndarray], patch_nums=None, **overrides) -> VQVAEConfig:
     emb = _require(sd, 'quantize.embedding.weight', 'VQVAE')
-    conv_in = _require(sd, 'encoder.conv_in.weight', 'VQVAE')
-    ch = conv_in.shape[0]
+    _require(sd, 'encoder.conv_in.weight', 'VQVAE')
+    ch = _vote(sd, 'VQVAE', ('encoder.conv_in.weight', 0), ('encoder.conv_in.bias', 0),
+               ('encoder.down.0.block.0.conv1.weight', 1), ('encoder.down.0.block.0.norm1.weight', 0))
     levels = _indices(sd, r'^encoder\.down\.(\d+)\.')
     if not levels:
         raise ValueError('not a VQVAE state dict: no encoder.down.* keys')
-    ch_mult = tuple(int(sd[f'encoder.down.{i}.block.0.conv1.weight'].shape[0] // ch) for i in levels)
+    ch_mult = tuple(int(_require(sd, f'encoder.down.{i}.block.0.conv1.weight', 'VQVAE').shape[0] // ch) or 1
+                    for i in levels)
     if any(k.startswith('quantize.quant_resi.qresi_ls.') for k in sd):
         share = len(_indices(sd, r'^quantize\.quant_resi\.qresi_ls\.(\d+)\.'))
     elif 'quantize.quant_resi.qresi.weight' in sd:
@@ -95,7 +118,7 @@ def vqvae_config_from_state(sd: dict[str, np.ndarray], patch_nums=None, **overri
         vocab_size=int(emb.shape[0]), z_channels=int(emb.shape[1]), ch=int(ch), ch_mult=ch_mult,
         num_res_blocks=len(_indices(sd, r'^encoder\.down\.0\.block\.(\d+)\.')),
         using_sa=any(k.startswith(f'encoder.down.{levels[-1]}.attn.') for k in sd),
-        using_mid_sa='encoder.mid.attn_1.qkv.weight' in sd,
+        using_mid_sa=any(k.startswith('encoder.mid.attn_1.') for k in sd),
         quant_conv_ks=int(_require(sd, 'quant_conv.weight', 'VQVAE').shape[-1]),
         quant_resi=quant_resi, share_quant_resi=share, patch_nums=tuple(patch_nums))
     kw.update(overrides)
@@ -122,6 +145,25 @@ def _vqvae_path(key: str, arr: np.ndarray) -> tuple[Path, np.ndarray]:
     return tuple(parts), arr
 
 
+def _vqvae_key(path: Path, cfg: VQVAEConfig) -> str:
+    """var_jax parameter path -> the official key (the inverse of `_vqvae_path`)."""
+    parts = list(path)
+    if parts == ['quantize', 'embedding', 'embedding']:
+        return 'quantize.embedding.weight'
+    if parts[-1] in ('kernel', 'scale'):
+        parts[-1] = 'weight'
+    if parts[:2] == ['quantize', 'quant_resi']:
+        i, rest = parts[2], parts[3:]
+        mid = (['qresi'] if cfg.share_quant_resi == 1 else [i] if cfg.share_quant_resi == 0
+               else ['qresi_ls', i])
+        parts = ['quantize', 'quant_resi', *mid, *rest]
+    return '.'.join(map(str, parts))
+
+
+def _vqvae_shape(path: Path, shape: tuple) -> tuple:
+    return (shape[3], shape[2], shape[0], shape[1]) if path[-1] == 'kernel' and len(shape) == 4 else shape
+
+
 def vqvae_from_state(sd: dict[str, np.ndarray], cfg: VQVAEConfig | None = None) -> VQVAE:
     check_finite(sd, lambda k: k in VAE_BUFFERS, 'VQVAE')
     cfg = cfg or vqvae_config_from_state(sd)
@@ -131,7 +173,7 @@ def vqvae_from_state(sd: dict[str, np.ndarray], cfg: VQVAEConfig | None = None) 
             continue
         path, val = _vqvae_path(key, arr)
         flat[path] = (key, val)
-    return _fill(abstract(cfg), flat, 'VQVAE')
+    return _fill(abstract(cfg), flat, 'VQVAE', lambda p: _vqvae_key(p, cfg), _vqvae_shape)
 
 
 # ---------------------------------------------------------------------------- VAR
@@ -143,7 +185,9 @@ def _patch_nums_from_levels(lvl: np.ndarray) -> tuple[int, ...]:
     return pns
 
 
-def var_config_from_state(sd: dict[str, np.ndarray], patch_nums=None, **overrides) -> VARConfig:
+def var_config_from_state(sd: dict[str, np.ndarray], patch_nums=None, vocab_hint: int | None = None,
+                          **overrides) -> VARConfig:
+    """`vocab_hint`: the paired tokenizer's vocabulary, one more vote beside head.weight and head.bias."""
     pos = _require(sd, 'pos_1LC', 'VAR')
     c = int(_require(sd, 'pos_start', 'VAR').shape[-1])
     L = int(pos.shape[1])
@@ -160,58 +204,81 @@ def var_config_from_state(sd: dict[str, np.ndarray], patch_nums=None, **override
     if sum(p * p for p in patch_nums) != L:
         raise ValueError(f'patch_nums {tuple(patch_nums)} give L={sum(p * p for p in patch_nums)}, '
                          f'but pos_1LC has L={L}')
-    l2 = 'blocks.0.attn.scale_mul_1H11' in sd
-    heads = int(sd['blocks.0.attn.scale_mul_1H11'].shape[1]) if l2 else c // 64
-    hidden = int(_require(sd, 'blocks.0.ffn.fc1.weight', 'VAR').shape[0])
+    blocks = _indices(sd, r'^blocks\.(\d+)\.')
+    l2 = any(f'blocks.{i}.attn.scale_mul_1H11' in sd for i in blocks)
+    heads = _vote(sd, 'VAR', *((f'blocks.{i}.attn.scale_mul_1H11', 1) for i in blocks)) if l2 else c // 64
+    _require(sd, 'blocks.0.ffn.fc1.weight', 'VAR')
+    hidden = _vote(sd, 'VAR', *(src for i in blocks for src in ((f'blocks.{i}.ffn.fc1.weight', 0),
+                                                               (f'blocks.{i}.ffn.fc1.bias', 0),
+                                                               (f'blocks.{i}.ffn.fc2.weight', 1))))
+    _require(sd, 'head.weight', 'VAR')
+    vocab = _vote(sd, 'VAR', ('head.weight', 0), ('head.bias', 0), extra=() if vocab_hint is None else (vocab_hint,))
     kw = dict(
         depth=depth, width=0 if c == 64 * depth else c, num_heads=0 if heads == depth else heads,
         mlp_ratio=hidden / c, num_classes=int(_require(sd, 'class_emb.weight', 'VAR').shape[0]) - 1,
-        vocab_size=int(_require(sd, 'head.weight', 'VAR').shape[0]),
+        vocab_size=vocab,
         cvae=int(_require(sd, 'word_embed.weight', 'VAR').shape[1]), patch_nums=tuple(patch_nums),
         shared_aln='shared_ada_lin.1.weight' in sd, attn_l2_norm=l2)
     kw.update(overrides)
     return VARConfig(**kw)
 
 
-def _var_entry(key: str, arr: np.ndarray, cfg: VARConfig) -> tuple[Path, int | None, np.ndarray]:
-    """Official key -> (path in var_jax, block index or None, converted array)."""
-    c, h = cfg.C, cfg.H
+# official key -> (var_jax path, conversion or None, var_jax shape -> official shape)
+_T = np.transpose
+
+
+def _rev(t):
+    return t[::-1]
+
+
+def _same(t):
+    return t
+
+
+VAR_BLOCK_RULES = {
+    # (3C, C) -> (C, 3, H, D) and (C,) -> (H, D) need the head count: done in var_from_state
+    'attn.mat_qkv.weight': (('attn', 'mat_qkv'), None, lambda t: (t[1] * t[2] * t[3], t[0])),
+    'attn.q_bias': (('attn', 'q_bias'), None, lambda t: (t[0] * t[1],)),
+    'attn.v_bias': (('attn', 'v_bias'), None, lambda t: (t[0] * t[1],)),
+    'attn.scale_mul_1H11': (('attn', 'scale_mul'), lambda a: a.reshape(-1), lambda t: (1, t[0], 1, 1)),
+    'attn.proj.weight': (('attn', 'proj', 'kernel'), _T, _rev),
+    'attn.proj.bias': (('attn', 'proj', 'bias'), None, _same),
+    'ffn.fc1.weight': (('ffn', 'fc1', 'kernel'), _T, _rev),
+    'ffn.fc1.bias': (('ffn', 'fc1', 'bias'), None, _same),
+    'ffn.fc2.weight': (('ffn', 'fc2', 'kernel'), _T, _rev),
+    'ffn.fc2.bias': (('ffn', 'fc2', 'bias'), None, _same),
+    'ada_lin.1.weight': (('ada_lin', 'kernel'), _T, _rev),
+    'ada_lin.1.bias': (('ada_lin', 'bias'), None, _same),
+    'ada_gss': (('ada_gss',), lambda a: a.reshape(6, -1), lambda t: (1, 1) + t),
+}
+VAR_TOP_RULES = {
+    'pos_start': (('pos_start',), None, _same), 'pos_1LC': (('pos_1LC',), None, _same),
+    'word_embed.weight': (('word_embed', 'kernel'), _T, _rev), 'word_embed.bias': (('word_embed', 'bias'), None, _same),
+    'class_emb.weight': (('class_emb', 'embedding'), None, _same),
+    'lvl_embed.weight': (('lvl_embed', 'embedding'), None, _same),
+    'shared_ada_lin.1.weight': (('shared_ada_lin', 'kernel'), _T, _rev),
+    'shared_ada_lin.1.bias': (('shared_ada_lin', 'bias'), None, _same),
+    'head_nm.ada_lin.1.weight': (('head_nm', 'ada_lin', 'kernel'), _T, _rev),
+    'head_nm.ada_lin.1.bias': (('head_nm', 'ada_lin', 'bias'), None, _same),
+    'head.weight': (('head', 'kernel'), _T, _rev), 'head.bias': (('head', 'bias'), None, _same),
+}
+
+
+def _var_rule(key: str):
+    """Official key -> (var_jax path, block index or None, conversion, target -> official shape)."""
     m = re.match(r'^blocks\.(\d+)\.(.+)$', key)
-    if m:
-        i, rest = int(m.group(1)), m.group(2)
-        table = {
-            'attn.mat_qkv.weight': (('attn', 'mat_qkv'), lambda a: a.T.reshape(c, 3, h, c // h)),
-            'attn.q_bias': (('attn', 'q_bias'), lambda a: a.reshape(h, c // h)),
-            'attn.v_bias': (('attn', 'v_bias'), lambda a: a.reshape(h, c // h)),
-            'attn.scale_mul_1H11': (('attn', 'scale_mul'), lambda a: a.reshape(-1)),
-            'attn.proj.weight': (('attn', 'proj', 'kernel'), np.transpose),
-            'attn.proj.bias': (('attn', 'proj', 'bias'), None),
-            'ffn.fc1.weight': (('ffn', 'fc1', 'kernel'), np.transpose),
-            'ffn.fc1.bias': (('ffn', 'fc1', 'bias'), None),
-            'ffn.fc2.weight': (('ffn', 'fc2', 'kernel'), np.transpose),
-            'ffn.fc2.bias': (('ffn', 'fc2', 'bias'), None),
-            'ada_lin.1.weight': (('ada_lin', 'kernel'), np.transpose),
-            'ada_lin.1.bias': (('ada_lin', 'bias'), None),
-            'ada_gss': (('ada_gss',), lambda a: a.reshape(6, -1)),
-        }
-        if rest not in table:
-            raise ValueError(f'VAR: unexpected key {key!r}')
-        path, fn = table[rest]
-        return ('blocks',) + path, i, arr if fn is None else fn(arr)
-    table = {
-        'pos_start': (('pos_start',), None), 'pos_1LC': (('pos_1LC',), None),
-        'word_embed.weight': (('word_embed', 'kernel'), np.transpose), 'word_embed.bias': (('word_embed', 'bias'), None),
-        'class_emb.weight': (('class_emb', 'embedding'), None), 'lvl_embed.weight': (('lvl_embed', 'embedding'), None),
-        'shared_ada_lin.1.weight': (('shared_ada_lin', 'kernel'), np.transpose),
-        'shared_ada_lin.1.bias': (('shared_ada_lin', 'bias'), None),
-        'head_nm.ada_lin.1.weight': (('head_nm', 'ada_lin', 'kernel'), np.transpose),
-        'head_nm.ada_lin.1.bias': (('head_nm', 'ada_lin', 'bias'), None),
-        'head.weight': (('head', 'kernel'), np.transpose), 'head.bias': (('head', 'bias'), None),
-    }
-    if key not in table:
+    rule = VAR_BLOCK_RULES.get(m.group(2)) if m else VAR_TOP_RULES.get(key)
+    if rule is None:
         raise ValueError(f'VAR: unexpected key {key!r}')
-    path, fn = table[key]
-    return path, None, arr if fn is None else fn(arr)
+    path, fn, back = rule
+    return (('blocks',) + path, int(m.group(1)), fn, back) if m else (path, None, fn, back)
+
+
+def _var_key(path: Path, i: int = 0) -> str:
+    """var_jax parameter path -> the official key (block `i` for the stacked block parameters)."""
+    if path[0] == 'blocks':
+        return f'blocks.{i}.' + next(k for k, r in VAR_BLOCK_RULES.items() if r[0] == path[1:])
+    return next(k for k, r in VAR_TOP_RULES.items() if r[0] == path)
 
 
 def var_from_state(sd: dict[str, np.ndarray], cfg: VARConfig | None = None) -> VAR:
@@ -220,44 +287,55 @@ def var_from_state(sd: dict[str, np.ndarray], cfg: VARConfig | None = None) -> V
     if 'lvl_1L' in sd and _patch_nums_from_levels(sd['lvl_1L']) != tuple(cfg.patch_nums):
         raise ValueError(f'VAR: lvl_1L describes patch_nums {_patch_nums_from_levels(sd["lvl_1L"])}, '
                          f'config has {cfg.patch_nums}')
+    h = cfg.H
+    model = abstract(cfg)
+    targets = dict(nnx.to_flat_state(nnx.state(model)))
     flat: dict[Path, tuple[str, np.ndarray]] = {}
     per_block: dict[Path, dict[int, tuple[str, np.ndarray]]] = {}
     for key, arr in sd.items():
         if VAR_BUFFERS.match(key):
             continue
-        path, i, val = _var_entry(key, np.asarray(arr, np.float32), cfg)
+        path, i, fn, back = _var_rule(key)
+        if path not in targets:
+            raise ValueError(f'VAR: unexpected key {key!r} for this architecture')
+        if i is not None and i >= cfg.depth:
+            raise ValueError(f'VAR: unexpected key {key!r}: the model has {cfg.depth} blocks')
+        want = back(tuple(targets[path].shape)[1:] if i is not None else tuple(targets[path].shape))
+        if tuple(arr.shape) != want:  # checked before any reshape, in the official layout
+            raise _shape_error('VAR', key, arr.shape, want)
+        val = np.asarray(arr, np.float32)
+        if path == ('blocks', 'attn', 'mat_qkv'):
+            val = val.T.reshape(cfg.C, 3, h, cfg.C // h)
+        elif path in (('blocks', 'attn', 'q_bias'), ('blocks', 'attn', 'v_bias')):
+            val = val.reshape(h, cfg.C // h)
+        elif fn is not None:
+            val = fn(val)
         if i is None:
             flat[path] = (key, val)
         else:
             per_block.setdefault(path, {})[i] = (key, val)
-    model = abstract(cfg)
-    targets = dict(nnx.to_flat_state(nnx.state(model)))
+    missing = [_var_key(p, i) for p in targets for i in
+               (range(cfg.depth) if p[0] == 'blocks' else [0])
+               if (p[0] == 'blocks' and i not in per_block.get(p, {})) or (p[0] != 'blocks' and p not in flat)]
+    if missing:
+        raise _missing_error('VAR', missing)
     for path, blocks in per_block.items():
-        for i, (key, val) in blocks.items():
-            if path not in targets:
-                raise ValueError(f'VAR: unexpected key {key!r} for this architecture')
-            if i >= cfg.depth or val.shape != tuple(targets[path].shape[1:]):
-                raise ValueError(f'VAR: key {key!r} has shape {val.shape}, expected '
-                                 f'{tuple(targets[path].shape[1:])} (checkpoint from another model?)')
-        missing = sorted(set(range(cfg.depth)) - set(blocks))
-        example = next(iter(blocks.values()))[0]
-        if missing:
-            key = re.sub(r'^blocks\.\d+\.', f'blocks.{missing[0]}.', example)
-            raise ValueError(f'VAR: checkpoint is missing key {key!r}')
-        flat[path] = (re.sub(r'^blocks\.\d+\.', 'blocks.*.', example),
+        flat[path] = (_var_key(path).replace('blocks.0.', 'blocks.*.'),
                       np.stack([blocks[i][1] for i in range(cfg.depth)]))
-    return _fill(model, flat, 'VAR')
+    return _fill(model, flat, 'VAR', _var_key, lambda p, t: t)
 
 
 # ---------------------------------------------------------------------------- public API
 def load_official(vae_path, var_path=None, patch_nums=None):
     """Official `.pth` / `.npz` / `.safetensors` files -> (VQVAE, VAR or None), float32 NNX modules."""
     var_sd = None if var_path is None else load_state_dict(var_path)
+    vae_sd = load_state_dict(vae_path)
     var = None
     if var_sd is not None:
-        var = var_from_state(var_sd, var_config_from_state(var_sd, patch_nums))
+        emb = vae_sd.get('quantize.embedding.weight')
+        hint = int(emb.shape[0]) if emb is not None and emb.ndim == 2 else None
+        var = var_from_state(var_sd, var_config_from_state(var_sd, patch_nums, vocab_hint=hint))
         patch_nums = var.config.patch_nums
-    vae_sd = load_state_dict(vae_path)
     vqvae = vqvae_from_state(vae_sd, vqvae_config_from_state(vae_sd, patch_nums))
     if var is not None:
         check_pair(vqvae.config, var.config)

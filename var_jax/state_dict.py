@@ -13,6 +13,7 @@ import os
 import pickle
 import struct
 import zipfile
+import zlib
 from typing import Any
 
 import ml_dtypes
@@ -127,6 +128,11 @@ def _unwrap(obj: Any, path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _starts_like_zip(path: str) -> bool:
+    with open(path, 'rb') as fh:
+        return fh.read(4) == b'PK\x03\x04'  # a zip local file header
+
+
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Read a state dict file into {official key: numpy array} (dtypes as stored)."""
     path = os.fspath(path)
@@ -141,12 +147,17 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
             obj = _read_safetensors(path)
         elif zipfile.is_zipfile(path):
             obj = _read_torch_zip(path)
+        elif _starts_like_zip(path):  # a torch zip whose end (the central directory) is missing
+            raise ValueError(f'{path}: file is truncated or damaged (a zip archive without its central '
+                             'directory: was the download or copy cut short?)')
         elif state_dict_legacy.is_legacy_torch_file(path):
             obj = state_dict_legacy.load_legacy_state_dict(path)
         else:
             raise ValueError(f'{path}: unknown state dict format (expected .pth, .npz or .safetensors)')
     except ValueError:
         raise
-    except (OSError, EOFError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile, struct.error) as e:
+    except (zipfile.BadZipFile, zlib.error, EOFError) as e:  # CRC mismatch, short member: damaged bytes
+        raise ValueError(f'{path}: file is truncated or damaged ({type(e).__name__}: {e})') from None
+    except (OSError, KeyError, pickle.UnpicklingError, struct.error) as e:
         raise ValueError(f'{path}: cannot read state dict ({type(e).__name__}: {e})') from None
     return _unwrap(obj, path)
