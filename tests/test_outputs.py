@@ -103,6 +103,9 @@ def test_replaceable_dir_rules(tmp_path):
     (d / 'params2').mkdir()
     with pytest.raises(ValueError, match="params2"):
         outputs.check_dir_output(d, force=True, own=own, what='a model checkpoint')
+    os.symlink(d, tmp_path / 'link')  # replacing a link would delete the directory behind it
+    with pytest.raises(ValueError, match='symbolic link'):
+        outputs.check_dir_output(tmp_path / 'link', force=True, own=own, what='a model checkpoint')
 
 
 def test_save_model_refuses_foreign_directory(tmp_path):

@@ -6,7 +6,11 @@ Model configs are inferred from tensor shapes (depth, width, heads, shared AdaLN
 classes, channel multipliers, Phi sharing; `patch_nums` from the `lvl_1L` buffer or the
 sequence length). Layout changes: Linear W -> W.T, Conv OIHW -> HWIO, the qkv matrix to
 (C, 3, H, D). Buffers (`lvl_1L`, `attn_bias_for_masking`, `zero_k_bias`, `ema_vocab_hit_SV`) are
-dropped and recomputed. Unknown, missing or mis-shaped keys raise `ValueError` naming the key.
+dropped and recomputed. Unknown, missing or mis-shaped keys raise `ValueError` naming the
+official key (and both shapes, in the official layout); each architecture dimension is read from
+several keys and the majority wins, so one damaged key is reported as itself. NaN / Inf weights
+are refused. --force replaces only a previous converted checkpoint (model.json and params/),
+never another directory (var_jax.outputs).
 """
 from __future__ import annotations
 

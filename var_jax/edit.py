@@ -16,7 +16,8 @@ mark the region the mode is about:
 Outside the generated region the input's tokens are forced at every scale; see var_jax.editing for
 how the mask becomes a token mask per scale. Sampling defaults follow the call in the official
 demo_zero_shot_edit.ipynb: cfg 3, top_k 900, top_p 0.95, with --more_smooth. The output is the
-edited S x S image.
+edited S x S image, in the format --out's suffix names (.png, .jpg, ...); an existing file is
+replaced only with --force. 16-bit images and masks are scaled to 8 bits (var_jax.data.images).
 """
 from __future__ import annotations
 

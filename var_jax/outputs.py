@@ -33,12 +33,14 @@ def _path(path) -> epath.Path:
 
 
 def _check_parent(path: epath.Path, flag: str) -> None:
+    if '://' in str(path):  # object stores have no directories to check
+        return
     parent = path.parent
     if not parent.exists():
         raise ValueError(f'{flag} {path}: no such directory {parent}')
     if not parent.is_dir():
         raise ValueError(f'{flag} {path}: {parent} is not a directory')
-    if '://' not in str(parent) and not os.access(os.fspath(parent), os.W_OK | os.X_OK):
+    if not os.access(os.fspath(parent), os.W_OK | os.X_OK):
         raise ValueError(f'{flag} {path}: directory {parent} is not writable')
 
 
@@ -73,6 +75,8 @@ def check_dir_output(path, *, force: bool, own: frozenset[str], what: str, flag:
         return path
     if not force:
         raise ValueError(f'{path} exists; pass --force to overwrite it')
+    if '://' not in str(path) and os.path.islink(os.fspath(path)):
+        raise ValueError(f'{flag} {path} is a symbolic link; name the directory it points to')
     foreign = [e for e in entries if e not in own]
     if foreign:
         shown = ', '.join(map(repr, foreign[:5])) + (f' and {len(foreign) - 5} more' if len(foreign) > 5 else '')

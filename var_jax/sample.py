@@ -8,7 +8,10 @@ ADM-format .npz of many images for FID.
         --npz samples.npz
 
 DIR is a converted checkpoint (python -m var_jax.convert) or a training workdir (EMA weights of
-its latest step unless --step). Sampling settings come from --preset, then from explicit flags
+its latest step unless --step); --dtype bfloat16 computes in bfloat16 (parameters stay float32).
+--out writes the image format its suffix names (.png, .jpg, .webp, ...). An existing --out or
+--npz file is replaced only with --force; the output path (its directory exists and is writable,
+it is not a directory, the suffix is known) is checked before the model is loaded. Sampling settings come from --preset, then from explicit flags
 (a flag beats the preset):
 
     official  cfg 1.5, top_k 900, top_p 0.96, no smoothing  VAR README FID protocol (default with --npz)
