@@ -325,8 +325,8 @@ def test_outputs_checked_before_loading(ckpt, tmp_path, capsys, loads, tool, cas
     (tmp_path / 'taken.npz').write_bytes(b'old')
     (tmp_path / 'dir.png').mkdir()
     (tmp_path / 'dir.npz').mkdir()
-    out = {'exists': 'taken.png', 'directory': 'dir.png', 'no parent': 'no/g.png', 'parent is a file': 'taken.png/g.png',
-           'suffix': 'g.xyz', 'npz exists': 'taken.npz', 'npz directory': 'dir.npz', 'npz no parent': 'no/s.npz'}[case]
+    out = {'exists': 'taken.png', 'directory': 'dir.png', 'no parent': 'no/g.png',
+           'parent is a file': 'taken.png/g.png', 'suffix': 'g.xyz', 'npz exists': 'taken.npz', 'npz directory': 'dir.npz', 'npz no parent': 'no/s.npz'}[case]
     flag = '--npz' if case.startswith('npz') else '--out'
     before = sorted(str(p) for p in tmp_path.rglob('*'))
     if tool == 'sample':

@@ -11,8 +11,9 @@ DIR is a converted checkpoint (python -m var_jax.convert) or a training workdir 
 its latest step unless --step); --dtype bfloat16 computes in bfloat16 (parameters stay float32).
 --out writes the image format its suffix names (.png, .jpg, .webp, ...). An existing --out or
 --npz file is replaced only with --force; the output path (its directory exists and is writable,
-it is not a directory, the suffix is known) is checked before the model is loaded. Sampling settings come from --preset, then from explicit flags
-(a flag beats the preset):
+it is not a directory, the suffix is known) is checked before the model is loaded.
+
+Sampling settings come from --preset, then from explicit flags (a flag beats the preset):
 
     official  cfg 1.5, top_k 900, top_p 0.96, no smoothing  VAR README FID protocol (default with --npz)
     paper     cfg 2.0, top_k 900, top_p 0.96, no smoothing  the paper's guidance (VAR issue #86)
