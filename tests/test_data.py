@@ -155,4 +155,5 @@ def test_prefetch_buffers_are_bounded_in_bytes():
         assert 1 <= opts.prefetch_buffer_size <= 16 and opts.num_threads == opts.prefetch_buffer_size
         assert opts.prefetch_buffer_size == 1 or opts.prefetch_buffer_size * batch_bytes <= data.buffer_mb * 2**20
     assert pipeline.read_options(config_lib.data_config(image_size=32), 8).prefetch_buffer_size == 16
-    assert pipeline.read_options(config_lib.data_config(image_size=256), 768).prefetch_buffer_size == 1
+    assert pipeline.read_options(config_lib.data_config(image_size=256), 768).prefetch_buffer_size == 7  # 144 MiB each
+    assert pipeline.read_options(config_lib.data_config(image_size=256, buffer_mb=64), 768).prefetch_buffer_size == 1

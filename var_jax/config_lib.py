@@ -99,7 +99,7 @@ def _literal(text: str):
 def data_config(*, source='tfds', image_size=256, hflip=False, workers=8, **kw) -> ConfigDict:
     c = ConfigDict(dict(source=source, image_size=image_size, hflip=hflip, workers=workers,
                         name='imagenet2012', data_dir='', train_split='train', eval_split='validation',
-                        path='', eval_path='', buffer_mb=256))  # prefetched batches per process / worker
+                        path='', eval_path='', buffer_mb=1024))  # prefetched batches per process / worker
     c.update(kw)
     return c
 
@@ -203,7 +203,7 @@ def check(config: ConfigDict, kind: str) -> None:
     need(d.source in DATA_SOURCES, f'data.source must be one of {DATA_SOURCES}, got {d.source!r}')
     need(d.source != 'imagefolder' or d.path, 'data.path must name the image folder (root/<class>/<image>)')
     need(d.workers >= 0, f'data.workers must be >= 0, got {d.workers}')
-    need(d.get('buffer_mb', 256) > 0, f'data.buffer_mb must be > 0, got {d.get("buffer_mb")}')
+    need(d.get('buffer_mb', 1024) > 0, f'data.buffer_mb must be > 0, got {d.get("buffer_mb")}')
     m = config.model
     if not m.patch_nums:
         need(m.pn in PATCH_NUMS, f'model.pn must be one of {sorted(PATCH_NUMS)} (or give model.patch_nums), got {m.pn}')

@@ -234,7 +234,7 @@ def read_options(data_cfg, local_batch: int) -> grain.ReadOptions:
     makes one batch). grain's default (500 batches) grows to many GiB while the accelerator is the
     bottleneck (500 x 768 x 256^2 x 3 bytes = 75 GB)."""
     batch_bytes = local_batch * data_cfg.image_size ** 2 * 3
-    n = int(max(1, min(16, data_cfg.get('buffer_mb', 256) * 2 ** 20 // batch_bytes)))
+    n = int(max(1, min(16, data_cfg.get('buffer_mb', 1024) * 2 ** 20 // batch_bytes)))
     return grain.ReadOptions(num_threads=n, prefetch_buffer_size=n)
 
 
