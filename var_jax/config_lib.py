@@ -15,6 +15,10 @@ test on one machine.
 from __future__ import annotations
 
 import contextlib
+import os
+import re
+import sys
+import traceback
 
 from ml_collections import ConfigDict
 
@@ -244,8 +248,6 @@ def parse_flags(argv: list[str]) -> list[str]:
             _flag_error(f'{given[-1] if given else "--config"}: {root}')
         _flag_error(str(e))
     except OSError as e:  # ml_collections' deferred "Failed loading config file"
-        import os  # noqa: PLC0415
-
         path = getattr(f['config'], 'config_filename', '').split(':', 1)[0]
         if path and not os.path.isfile(path):
             _flag_error(f'config file {path} does not exist')
@@ -260,8 +262,6 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def _flag_error(msg: str):
-    import sys  # noqa: PLC0415
-
     print('error: ' + ' '.join(msg.split()), file=sys.stderr)
     sys.exit(2)
 
@@ -276,8 +276,6 @@ def _root_cause(e: BaseException) -> BaseException:
 
 def _from_override(e: BaseException) -> bool:
     """Did the error come from resolving a --config.<path> override (not from the config file's code)?"""
-    import traceback  # noqa: PLC0415
-
     while e is not None:
         if any(fr.filename.endswith('config_path.py') and 'ml_collections' in fr.filename
                for fr in traceback.extract_tb(e.__traceback__)):
@@ -288,8 +286,6 @@ def _from_override(e: BaseException) -> bool:
 
 def _unknown_field(e: BaseException, argv: list[str]) -> str:
     """'--config.data.sorce: no such config field (did you mean "source" ...)' from ml_collections' error."""
-    import re  # noqa: PLC0415
-
     texts, x = [], e
     while x is not None:
         texts.append(str(x.args[0]) if x.args else str(x))
@@ -353,8 +349,6 @@ def _holds_training_state(p, depth: int = 3) -> bool:
 
 
 def _is_first_process() -> bool:
-    import sys  # noqa: PLC0415
-
     if 'jax' not in sys.modules:
         return True
     import jax  # noqa: PLC0415
