@@ -151,6 +151,7 @@ def test_workdir_is_a_file(tmp_path, module, config):
     one_error_line(r, 'is a file')
 
 
+@pytest.mark.slow
 def test_data_error_before_the_tokenizer_is_trained(tmp_path):
     """configs/tiny.py trains a tokenizer first; a wrong VAR data path must stop the run before that."""
     w = tmp_path / 'w'
@@ -166,6 +167,7 @@ def test_data_error_before_the_tokenizer_is_trained(tmp_path):
     assert not w.exists()
 
 
+@pytest.mark.slow
 def test_late_config_error_removes_only_a_workdir_this_run_made(tokenizer_dir, tmp_path):
     """mesh.data=3 fails when the mesh is made, after the tokenizer copy was written to the workdir."""
     w = tmp_path / 'w'
