@@ -3,4 +3,6 @@ from var_jax import config_lib
 
 
 def get_config(arg=None):
-    return config_lib.var_recipe(depth=20, batch_size=768, epochs=250, tblr=1e-4, alng=1e-3, wpe=0.1, arg=arg)
+    a = config_lib.parse_arg(arg, runlocal=False)
+    return config_lib.var_recipe(depth=20, batch_size=768, epochs=250, tblr=1e-4, alng=1e-3, wpe=0.1,
+                                 runlocal=a.runlocal)

@@ -3,4 +3,6 @@ from var_jax import config_lib
 
 
 def get_config(arg=None):
-    return config_lib.var_recipe(depth=24, batch_size=768, epochs=350, tblr=8e-5, alng=1e-4, wpe=0.01, arg=arg)
+    a = config_lib.parse_arg(arg, runlocal=False)
+    return config_lib.var_recipe(depth=24, batch_size=768, epochs=350, tblr=8e-5, alng=1e-4, wpe=0.01,
+                                 runlocal=a.runlocal)

@@ -4,7 +4,8 @@ from var_jax import config_lib
 
 
 def get_config(arg=None):
+    a = config_lib.parse_arg(arg, runlocal=False)
     c = config_lib.var_recipe(depth=36, batch_size=768, epochs=350, tblr=8e-5, alng=5e-6, wpe=0.01, twde=0.08,
-                              pn=512, arg=arg)
+                              pn=512, runlocal=a.runlocal)
     c.mesh.update(data=-1, fsdp=8)
     return c

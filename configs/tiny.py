@@ -15,6 +15,7 @@ from var_jax import config_lib
 
 
 def get_config(arg=None):
+    a = config_lib.parse_arg(arg, ci=False)
     # batch 8: on 2 CPU cores the step is about as fast per image as batch 16 or 32, and smaller
     # batches learn more per image seen (docs/builtin_default.md)
     c = config_lib.var_recipe(depth=4, batch_size=8, epochs=0, tblr=2e-3, alng=1e-3, wpe=0.1)
@@ -27,7 +28,7 @@ def get_config(arg=None):
     c.sample.update(classes=tuple(range(10)), per_class=8, cfg=5.0, top_k=0, top_p=0.0)
     c.log_every, c.checkpoint_every, c.eval_every = 100, 1000, 0
     c.evaluate, c.score_per_class = True, 100
-    if 'ci' in config_lib._parse_arg(arg):
+    if a.ci:
         t = c.tokenizer.train
         t.total_steps, t.log_every, t.checkpoint_every, t.eval_batches = 600, 100, 600, 2
         c.total_steps, c.log_every, c.checkpoint_every = 1200, 100, 600

@@ -3,4 +3,5 @@ from var_jax import config_lib
 
 
 def get_config(arg=None):
-    return config_lib.tokenizer_tiny(arg=arg)
+    a = config_lib.parse_arg(arg, runlocal=False)
+    return config_lib.tokenizer_tiny(runlocal=a.runlocal)

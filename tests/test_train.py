@@ -143,7 +143,7 @@ def test_ema_weights_are_what_inference_loads(tokenizer_dir, tmp_path):
 
 
 @pytest.mark.parametrize('layout', ['classes', 'flat', 'tfds'])
-def test_corrupt_images_are_skipped_and_counted(tmp_path, layout):
+def test_corrupt_images_are_skipped_and_counted(tmp_path, layout, capsys):
     """Each image source with unreadable records: an image folder with class subfolders, a flat
     one (one class), and a prepared TFDS dataset read as array_record without TensorFlow."""
     root = tmp_path / 'images'
@@ -171,6 +171,8 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, layout):
     c.data = data
     out = train.run(c, tmp_path / 'w')
     assert out['data_skipped_total'] >= 1 and np.isfinite(out['Lm'])
+    said = [line for line in capsys.readouterr().out.splitlines() if 'unreadable' in line]
+    assert said and f'{int(out["data_skipped_total"])} so far' in said[-1], 'skips are reported on the console too'
     vq, var = checkpoint.load_model(tmp_path / 'w', need_var=True)
     assert var.config.num_classes == {'classes': 2, 'flat': 1, 'tfds': 3}[layout]
     vq_only, none = checkpoint.load_model(tmp_path / 'w', tokenizer_only=True)  # from beside the VAR checkpoints

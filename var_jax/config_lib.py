@@ -8,10 +8,17 @@
     d36  bs 768  ep 350  tblr 8e-5  alng 5e-6  wpe 0.01  twde 0.08  saln, 512px
 Peak lr = tblr * batch_size / 256; warm-up ep/50 epochs from 0.5 %; `lin0` decay; AdamW
 (0.9, 0.95), wd 0.05 -> twde (cosine); grad clip 2; bf16 compute with float32 parameters.
-`arg` (the text after ':' in --config=configs/d16.py:runlocal) selects variants: `runlocal`
-shrinks the batch and steps for a smoke test on one machine.
+The text after ':' in --config=configs/d16.py:runlocal selects variants; every config parses it with
+`parse_arg` (typed, unknown names are an error): `runlocal` shrinks the batch and steps for a smoke
+test on one machine.
 """
 from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import traceback
 
 from ml_collections import ConfigDict
 
@@ -20,19 +27,83 @@ from var_jax.models import PATCH_NUMS
 DATA_SOURCES = ('builtin', 'imagefolder', 'tfds')
 
 
-def _parse_arg(arg: str | None) -> dict[str, str]:
-    out = {}
+def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ConfigDict:
+    """The text after ':' in `--config=FILE:ARG`, as typed values (big_vision's `parse_arg` style).
+
+    `spec` names every argument the config knows, with its default; the default's type converts the
+    text (bool, int, float, str), or give `(default, converter)`. `ARG` is comma-separated
+    `name=value` items; a bare `name` means `name=True` (for a bool):
+
+        parse_arg('runlocal,res=128', runlocal=False, res=256)  ->  runlocal=True, res=128
+
+    An argument not in `spec` is a ValueError naming the known ones (a typo must not silently run
+    the full recipe), unless `lazy`: then it is kept with a literal-guessed type.
+    """
+    known = {k: v if isinstance(v, tuple) else (v, _converter(v)) for k, v in spec.items()}
+    out = ConfigDict({k: d for k, (d, _) in known.items()}, type_safe=False)
     for part in (arg or '').split(','):
-        if part:
-            k, _, v = part.partition('=')
-            out[k] = v or 'True'
+        part = part.strip()
+        if not part:
+            continue
+        name, eq, text = part.partition('=')
+        name = name.strip()
+        if name not in known:
+            if not lazy:
+                where = f' in {arg!r}' if arg.strip() != name else ''
+                raise ValueError(f'unknown config argument {name!r}{where} (known: '
+                                 f'{", ".join(sorted(known)) or "none"})')
+            out[name] = _literal(text) if eq else True
+            continue
+        default, convert = known[name]
+        if not eq:
+            if not isinstance(default, bool):
+                raise ValueError(f'config argument {name} needs a value ({name}=...)')
+            text = 'True'
+        try:
+            out[name] = convert(text)
+        except ValueError as e:
+            raise ValueError(f'config argument {name}={text}: {e}') from None
     return out
+
+
+def _converter(default):
+    if isinstance(default, bool):
+        return _bool
+    if isinstance(default, (int, float)):
+        kind = type(default)
+
+        def convert(text):
+            try:
+                return kind(text)
+            except ValueError:
+                raise ValueError(f'expected {kind.__name__}') from None
+
+        return convert
+    return str
+
+
+def _bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ('1', 'true', 'yes', 'on'):
+        return True
+    if t in ('0', 'false', 'no', 'off'):
+        return False
+    raise ValueError('expected a bool (true/false)')
+
+
+def _literal(text: str):
+    import ast  # noqa: PLC0415
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def data_config(*, source='tfds', image_size=256, hflip=False, workers=8, **kw) -> ConfigDict:
     c = ConfigDict(dict(source=source, image_size=image_size, hflip=hflip, workers=workers,
                         name='imagenet2012', data_dir='', train_split='train', eval_split='validation',
-                        path='', eval_path=''))
+                        path='', eval_path='', buffer_mb=1024))  # prefetched batches per process / worker
     c.update(kw)
     return c
 
@@ -53,7 +124,7 @@ def common(c: ConfigDict, *, batch_size: int, epochs: float) -> ConfigDict:
 
 
 def var_recipe(*, depth: int, batch_size: int, epochs: float, tblr: float, alng: float, wpe: float,
-               twde: float = 0.05, pn: int = 256, arg: str | None = None) -> ConfigDict:
+               twde: float = 0.05, pn: int = 256, runlocal: bool = False) -> ConfigDict:
     """The official VAR-d{depth} recipe on ImageNet (TFDS); see the table above."""
     c = common(ConfigDict(), batch_size=batch_size, epochs=epochs)
     c.model = ConfigDict(dict(depth=depth, width=0, num_heads=0, shared_aln=depth == 36, pn=pn, patch_nums=(),
@@ -71,14 +142,13 @@ def var_recipe(*, depth: int, batch_size: int, epochs: float, tblr: float, alng:
     c.sample = ConfigDict(dict(classes=(207, 360, 387, 974, 88, 979, 417, 279), per_class=4, cfg=4.0, top_k=900,
                                top_p=0.95, seed=0, more_smooth=False))
     c.evaluate = False  # after training: the built-in classifier scores (built-in data only)
-    opts = _parse_arg(arg)
-    if 'runlocal' in opts:
+    if runlocal:
         c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 8, 20, 5, 10
         c.data.workers = 0
     return c
 
 
-def tokenizer_recipe(*, arg: str | None = None) -> ConfigDict:
+def tokenizer_recipe(*, runlocal: bool = False) -> ConfigDict:
     """Official-architecture multi-scale VQVAE (ch 160, V 4096, Cvae 32, 256px) on ImageNet."""
     c = common(ConfigDict(), batch_size=256, epochs=100)
     c.model = ConfigDict(dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
@@ -93,14 +163,13 @@ def tokenizer_recipe(*, arg: str | None = None) -> ConfigDict:
                              disc_ch=64, disc_layers=3, adaptive_weight=True, ema=0.0))
     c.codebook = ConfigDict(dict(reseed=True, reseed_every=200, dead_threshold=0.03, usage_decay=0.99))
     c.eval_batches = 8  # held-out batches for PSNR / LPIPS / usage
-    opts = _parse_arg(arg)
-    if 'runlocal' in opts:
+    if runlocal:
         c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 4, 10, 5, 10
         c.data.workers = 0
     return c
 
 
-def tokenizer_tiny(arg: str | None = None) -> ConfigDict:
+def tokenizer_tiny(*, runlocal: bool = False) -> ConfigDict:
     """A small tokenizer for 32px built-in images: 4x downsampling, 8x8 latent, six scales.
 
     Sized for a 2-core CPU (about 3 minutes): 16 base channels (GroupNorm with 8 groups), no
@@ -108,7 +177,7 @@ def tokenizer_tiny(arg: str | None = None) -> ConfigDict:
     reconstructions as good as with 512 codes, and a VAR learns the smaller vocabulary faster.
     Measured: ~20 dB held-out PSNR (docs/builtin_default.md).
     """
-    c = tokenizer_recipe(arg=arg)
+    c = tokenizer_recipe()
     c.model.update(vocab_size=128, z_channels=16, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
                    using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 3, 4, 6, 8))
     c.data = data_config(source='builtin', image_size=32, workers=0)
@@ -117,7 +186,7 @@ def tokenizer_tiny(arg: str | None = None) -> ConfigDict:
     c.loss.update(lpips=0.0, gan=0.0, l2=1.0, l1=0.0)
     c.codebook.update(reseed_every=50)
     c.log_every, c.checkpoint_every, c.eval_batches = 100, 400, 4
-    if 'runlocal' in _parse_arg(arg):
+    if runlocal:
         c.batch_size, c.total_steps, c.log_every, c.checkpoint_every = 4, 10, 5, 10
     return c
 
@@ -138,6 +207,7 @@ def check(config: ConfigDict, kind: str) -> None:
     need(d.source in DATA_SOURCES, f'data.source must be one of {DATA_SOURCES}, got {d.source!r}')
     need(d.source != 'imagefolder' or d.path, 'data.path must name the image folder (root/<class>/<image>)')
     need(d.workers >= 0, f'data.workers must be >= 0, got {d.workers}')
+    need(d.get('buffer_mb', 1024) > 0, f'data.buffer_mb must be > 0, got {d.get("buffer_mb")}')
     m = config.model
     if not m.patch_nums:
         need(m.pn in PATCH_NUMS, f'model.pn must be one of {sorted(PATCH_NUMS)} (or give model.patch_nums), got {m.pn}')
@@ -153,3 +223,134 @@ def check(config: ConfigDict, kind: str) -> None:
 
 def patch_nums_of(model_cfg) -> tuple[int, ...]:
     return tuple(model_cfg.patch_nums) if model_cfg.patch_nums else PATCH_NUMS[model_cfg.pn]
+
+
+# ---------------------------------------------------------------------------- the trainers' command line
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl `app.run(main, flags_parser=config_lib.parse_flags)` for the trainers.
+
+    Parses the flags and loads the config file now, so that the mistakes a user makes there (an
+    unknown --config.field, a bad value, a missing config file, an unknown preset, an unknown
+    flag) end as one `error:` line with exit code 2 (var_jax.cli), before anything is created.
+    Errors inside a config file other than ValueError / TypeError (its bugs) keep their traceback.
+    """
+    from absl import flags  # noqa: PLC0415
+
+    f = flags.FLAGS
+    try:
+        rest = f(argv)
+        config = f['config'].value
+        config.get('seed')  # a config file that failed to load raises its error on first access
+    except flags.Error as e:
+        root = _root_cause(e)
+        if root is not e and 'Error whilst parsing config file' in str(e):  # the config file's ValueError
+            given = [a for a in argv if a.startswith('--config=')]
+            _flag_error(f'{given[-1] if given else "--config"}: {root}')
+        _flag_error(str(e))
+    except OSError as e:  # ml_collections' deferred "Failed loading config file"
+        path = getattr(f['config'], 'config_filename', '').split(':', 1)[0]
+        if path and not os.path.isfile(path):
+            _flag_error(f'config file {path} does not exist')
+        _flag_error(str(_root_cause(e)))
+    except (AttributeError, KeyError) as e:
+        if not _from_override(e):
+            raise
+        _flag_error(_unknown_field(e, argv))
+    if len(rest) > 1:
+        _flag_error(f'unexpected arguments {rest[1:]} (flags are --name=value)')
+    return rest
+
+
+def _flag_error(msg: str):
+    print('error: ' + ' '.join(msg.split()), file=sys.stderr)
+    sys.exit(2)
+
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The first exception of a chain: a config file's own ValueError reaches us wrapped twice (ml_collections
+    adds its traceback to the text, absl the flag), and only its message is the user's."""
+    while (e.__cause__ or e.__context__) is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _from_override(e: BaseException) -> bool:
+    """Did the error come from resolving a --config.<path> override (not from the config file's code)?"""
+    while e is not None:
+        if any(fr.filename.endswith('config_path.py') and 'ml_collections' in fr.filename
+               for fr in traceback.extract_tb(e.__traceback__)):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _unknown_field(e: BaseException, argv: list[str]) -> str:
+    """'--config.data.sorce: no such config field (did you mean "source" ...)' from ml_collections' error."""
+    texts, x = [], e
+    while x is not None:
+        texts.append(str(x.args[0]) if x.args else str(x))
+        x = x.__cause__ or x.__context__
+    key = texts[-1].strip('"\'')
+    paths = [a[2:].split('=', 1)[0] for a in argv if a.startswith('--config.')]
+    named = [p for p in paths if p.rsplit('.', 1)[-1] == key] or paths
+    hint = next((m.group(0) for t in texts if (m := re.search(r'Did you mean [^\n]*\?', t))), '')
+    return f'{", ".join("--" + p for p in named)}: no such config field' + (f' ({hint})' if hint else '')
+
+
+# ---------------------------------------------------------------------------- the workdir
+def check_workdir(workdir) -> None:
+    """ValueError when `workdir`, or the nearest of its parents that exists, is not a directory."""
+    from etils import epath  # noqa: PLC0415
+
+    p = epath.Path(workdir)
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise ValueError(f'workdir {workdir}: {q} is a file, not a directory')
+            return
+
+
+@contextlib.contextmanager
+def fresh_workdir_guard(workdir):
+    """Remove `workdir` again when the run fails on a config or data error (ValueError,
+    FileNotFoundError) before it wrote any training state, so a mistake leaves no half-made
+    workdir (model.json, a tokenizer copy) that a corrected re-run would then resume from.
+
+    Only a directory this run created is removed, and only while it holds no training state
+    (no `metrics*.jsonl`, no saved checkpoint step): a workdir that existed before is never
+    touched, whatever it holds.
+    """
+    from etils import epath  # noqa: PLC0415
+
+    p = epath.Path(workdir)
+    existed = p.exists()
+    try:
+        yield
+    except (ValueError, FileNotFoundError):
+        if not existed and p.is_dir() and not _holds_training_state(p) and _is_first_process():
+            try:
+                p.rmtree()
+            except OSError:  # another process removed it first; nothing of the user's is at stake
+                pass
+        raise
+
+
+def _holds_training_state(p, depth: int = 3) -> bool:
+    """Metrics or a checkpoint step in `p` or its subfolders (the VAR workdir's `tokenizer/`)."""
+    for c in p.iterdir():
+        if c.name.startswith('metrics') and c.name.endswith('.jsonl'):
+            return True
+        if c.is_dir():
+            if c.name == 'checkpoints' and any(c.iterdir()):
+                return True
+            if depth > 1 and _holds_training_state(c, depth - 1):
+                return True
+    return False
+
+
+def _is_first_process() -> bool:
+    if 'jax' not in sys.modules:
+        return True
+    import jax  # noqa: PLC0415
+
+    return jax.process_index() == 0

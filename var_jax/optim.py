@@ -7,19 +7,19 @@ Learning rate (per iteration `it` of `max_it`):
     'cos':   half-cosine from peak to wpe * peak after warm-up
     'const': peak after warm-up
 Weight decay: cosine from `wd` (it 0) to `wd_end` (last it). Decoupled (AdamW, as torch).
-Parameters without decay: 1-D tensors, biases, and names containing pos_*, lvl_embed, scale_mul,
-ada_gss, gamma, beta, cls/start tokens (official list).
+Parameters without decay (official `filter_params`): 1-D tensors (per layer for the stacked
+blocks), names ending in `bias` (every bias inside the blocks too), and names containing pos_*,
+lvl_embed, scale_mul, ada_gss, gamma, beta, cls/start tokens (the official no-decay list).
 """
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from flax import nnx
 
 NO_DECAY = ('cls_token', 'start_token', 'task_token', 'cfg_uncond', 'pos_embed', 'pos_1LC', 'pos_start',
             'start_pos', 'lvl_embed', 'gamma', 'beta', 'ada_gss', 'moe_bias', 'scale_mul')
@@ -56,16 +56,34 @@ def wd_schedule(wd: float, wd_end: float, max_it: int):
     return fn
 
 
-def decay_mask(params: nnx.State) -> Any:
-    """True where weight decay applies (official `filter_params`)."""
+def decay_mask(params) -> Any:
+    """True where weight decay applies: the official `filter_params` groups.
+
+    Official rule, per torch parameter: no decay when `ndim == 1`, the name ends in `bias`, or the
+    name contains a NO_DECAY key. Here the name is read from the parameter's path as the trainer
+    passes it ({'var': nnx.State}: `var.blocks.attn.q_bias.value`): dict keys form the name, while
+    attribute steps (the `.value` of an nnx.Param) are not part of it. Block parameters are stacked
+    with a leading depth axis, so a (depth, C) bias is 1-D per layer; our q_bias / v_bias keep a
+    per-head (H, C/H) shape but are `bias` by name, as officially.
+    """
+
+    def name_of(path) -> list[str]:
+        out = []
+        for k in path:
+            if isinstance(k, jax.tree_util.DictKey):
+                out.append(str(k.key))
+            elif isinstance(k, jax.tree_util.SequenceKey):
+                out.append(str(k.idx))
+        return out
 
     def decays(path, x):
-        name = '.'.join(str(p) for p in path)
-        is_bias = str(path[-1]) in ('bias', 'q_bias', 'v_bias') or re.search(r'bias$', name)
-        layer_axis = 1 if path and path[0] == 'blocks' else 0  # stacked blocks: ignore the depth axis
-        return not (x.ndim - layer_axis <= 1 or is_bias or any(k in name for k in NO_DECAY))
+        names = name_of(path)
+        name = '.'.join(names)
+        ndim = np.ndim(x) - (1 if 'blocks' in names else 0)
+        is_bias = bool(names) and names[-1].endswith('bias')
+        return not (ndim <= 1 or is_bias or any(k in name for k in NO_DECAY))
 
-    return jax.tree_util.tree_map_with_path(lambda p, x: decays(tuple(getattr(k, 'key', k) for k in p), x), params)
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(*, peak_lr: float, max_it: int, wp_it: int, wd: float = 0.05, wd_end: float | None = None,
@@ -77,8 +95,10 @@ def make_optimizer(*, peak_lr: float, max_it: int, wp_it: int, wd: float = 0.05,
     """
     lr = lr_schedule(peak_lr, max_it, wp_it, wp0=wp0, wpe=wpe, kind=sched)
     wdf = wd_schedule(wd, wd if wd_end is None else wd_end, max_it)
-    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=wdf,
-                                                  mask=mask)
+    # `mask` static: inject_hyperparams would otherwise call a mask function as a schedule of the
+    # step count (and decay nothing); a mask pytree gives the same optimizer state either way
+    adamw = optax.inject_hyperparams(optax.adamw, static_args=('mask',))(
+        learning_rate=lr, b1=b1, b2=b2, eps=eps, weight_decay=wdf, mask=mask)
     return optax.chain(optax.clip_by_global_norm(clip), adamw) if clip > 0 else adamw
 
 

@@ -18,6 +18,7 @@ from etils import epath
 from flax import nnx
 
 from var_jax import checkpoint, cli, config_lib, distributed, metrics, optim, sampling, sharding, trainer, viz
+from var_jax.data.pipeline import make_source
 from var_jax.models import VAR, VARConfig, abstract, vqvae_config
 from var_jax.models.var import scale_bounds
 
@@ -199,11 +200,28 @@ def gather(x) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- entry point
 def run(config, workdir, *, dry_run: bool = False) -> dict:
-    """Train the tokenizer first when the config asks for it, then VAR; returns final metrics."""
+    """Train the tokenizer first when the config asks for it, then VAR; returns final metrics.
+
+    Config, workdir and data are checked before anything is written; a run that still fails on a
+    config or data error before training leaves no workdir behind (config_lib.fresh_workdir_guard).
+    """
     config_lib.check(config, 'var')
+    config_lib.check_workdir(workdir)
+    train_tok = not config.tokenizer.checkpoint and config.tokenizer.get('train') and not dry_run
+    if train_tok:
+        config_lib.check(config.tokenizer.train, 'tokenizer')
+    if not dry_run:  # a wrong data path fails now, not after the tokenizer was trained
+        make_source(config.data, 'train')
+        if train_tok:
+            make_source(config.tokenizer.train.data, 'train')
+    with config_lib.fresh_workdir_guard(workdir):
+        return _run(config, workdir, dry_run=dry_run, train_tok=train_tok)
+
+
+def _run(config, workdir, *, dry_run: bool, train_tok: bool) -> dict:
     distributed.maybe_initialize()  # before the tokenizer is loaded: that touches the backend
     workdir = checkpoint.abspath(workdir)
-    if not config.tokenizer.checkpoint and config.tokenizer.get('train') and not dry_run:
+    if train_tok:
         from var_jax import train_tokenizer  # noqa: PLC0415
 
         train_tokenizer.run(config.tokenizer.train, workdir / TOKENIZER_DIR)
@@ -262,4 +280,4 @@ if __name__ == '__main__':
     config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'training config file', lock_config=True)
     flags.DEFINE_string('workdir', None, 'output directory (local or gs://); re-running resumes', required=True)
     flags.DEFINE_bool('dry_run', False, 'compile the sharded step from abstract shapes, print memory, exit')
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

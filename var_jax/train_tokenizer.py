@@ -258,8 +258,10 @@ class TokenizerTask(trainer.Task):
 
 def run(config, workdir, *, dry_run: bool = False) -> dict:
     config_lib.check(config, 'tokenizer')
-    distributed.maybe_initialize()  # before the task builds anything on the backend
-    return trainer.run(TokenizerTask(config, workdir), config, workdir, dry_run=dry_run)
+    config_lib.check_workdir(workdir)
+    with config_lib.fresh_workdir_guard(workdir):  # a config or data error leaves no workdir behind
+        distributed.maybe_initialize()  # before the task builds anything on the backend
+        return trainer.run(TokenizerTask(config, workdir), config, workdir, dry_run=dry_run)
 
 
 def main(argv):
@@ -277,4 +279,4 @@ if __name__ == '__main__':
     config_flags.DEFINE_config_file('config', 'configs/tokenizer_tiny.py', 'tokenizer config', lock_config=True)
     flags.DEFINE_string('workdir', None, 'output directory (local or gs://); re-running resumes', required=True)
     flags.DEFINE_bool('dry_run', False, 'compile the step from abstract shapes, print memory, exit')
-    app.run(main)
+    app.run(main, flags_parser=config_lib.parse_flags)

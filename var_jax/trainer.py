@@ -364,7 +364,8 @@ def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
                 fetched = jax.device_get(pending)
                 pending = []
                 nf = sum(int(f['nonfinite']) for f in fetched)
-                skipped += sum(int(f['skipped']) for f in fetched)
+                new_skips = sum(int(f['skipped']) for f in fetched)
+                skipped += new_skips
                 nonfinite_run = nonfinite_run + nf if nf == len(fetched) else nf
                 last = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1] if np.ndim(fetched[-1][k]) == 0}
                 for k in fetched[-1]:
@@ -382,6 +383,9 @@ def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
                 last.update(task.throughput(ips))
                 writer.scalars(step, last)
                 progress.update(step, task.progress_fields(last))
+                if new_skips and jax.process_index() == 0:  # not only in metrics.jsonl
+                    print(f'[{task.name}] data: {new_skips} unreadable image(s) skipped in the last {len(fetched)} '
+                          f'steps, {skipped} so far (each replaced by the next readable one)', flush=True)
                 if nf:
                     print(f'[{task.name}] WARNING: non-finite loss or gradient in {nf} of the last {len(fetched)} '
                           f'steps (up to step {step}); those updates were skipped', flush=True)

@@ -3,7 +3,8 @@
     source (built-in shapes10 | image folder | TFDS array_record)
       -> [train] seed + global shuffle + repeat      (same permutation on every process)
       -> this process's slice  ds[process_index::process_count]
-      -> decode (corrupt or unreadable images are replaced by the next readable one and counted)
+      -> decode (corrupt or unreadable images are replaced by the next readable one and counted;
+                 huge images decoded at a bounded size, 16-bit ones scaled to 8 bit)
       -> official augmentation: shorter side to round(1.125 * res) (Lanczos), random crop, [flip]
       -> batch(per-process batch) -> iterator (optionally multiprocess), checkpointable via grain
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import io
 import os
+import warnings
 from typing import Any
 
 import grain
@@ -129,13 +131,37 @@ def make_source(data_cfg, split: str):
 
 
 # ---------------------------------------------------------------------------- transforms
-def decode(image: Any) -> Image.Image:
-    """bytes / uint8 array -> RGB PIL image (raises on corrupt data)."""
+def decode(image: Any, min_side: int | None = None) -> Image.Image:
+    """bytes / uint8 array -> RGB PIL image (raises on corrupt data).
+
+    `min_side`: the shorter side the transform will resize to. A much larger image is decoded at a
+    bounded size: JPEGs through `draft` (the decoder's DCT scaling by 1/2, 1/4 or 1/8), other
+    formats reduced by an integer box filter right after load, in both cases only when the shorter
+    side keeps at least 2 * min_side (it ends in [2, 4) x min_side), so the Lanczos resize that
+    follows sees no big image and the pipeline holds no full-size copy. Images under 4 * min_side
+    decode exactly as before; reduced ones differ slightly (about a grey level) from resizing the
+    full image. An image over PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) is refused
+    (ValueError: skipped like an unreadable file). 16-bit images are scaled to 8 bit, not clipped.
+    """
     if isinstance(image, np.ndarray):
         return Image.fromarray(image)
-    im = Image.open(io.BytesIO(image))
+    with warnings.catch_warnings():  # over the limit we raise below (PIL only warns up to 2x)
+        warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+        im = Image.open(io.BytesIO(image))
+    w, h = im.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and w * h > limit:
+        raise ValueError(f'{w}x{h} image is over the decompression-bomb limit of {limit} pixels')
+    if min_side and im.format == 'JPEG' and min(w, h) >= 4 * min_side:
+        im.draft('RGB', (2 * min_side, 2 * min_side))
     im.load()
-    return images.to_rgb8(im)  # 16-bit greyscale scaled, not clipped to white
+    factor = min(im.size) // (2 * min_side) if min_side else 1
+    if factor >= 2:
+        im = images.to_8bit(im)
+        if im.mode not in ('L', 'LA', 'RGB', 'RGBA'):  # palette / CMYK / bilevel: average colours, not indices
+            im = im.convert('RGB')
+        im = im.reduce(factor)
+    return images.to_rgb8(im)
 
 
 def resize_shorter(im: Image.Image, size: int) -> Image.Image:
@@ -145,10 +171,12 @@ def resize_shorter(im: Image.Image, size: int) -> Image.Image:
 
 
 class SafeSource:
-    """Wraps a source: element i is the first *readable* image at i, i+1, ... (counted as skipped)."""
+    """Wraps a source: element i is the first *readable* image at i, i+1, ... (counted as skipped).
 
-    def __init__(self, source):
-        self.source = source
+    `min_side`: passed to `decode` (huge images are decoded at a bounded size)."""
+
+    def __init__(self, source, min_side: int | None = None):
+        self.source, self.min_side = source, min_side
 
     def __len__(self):
         return len(self.source)
@@ -157,7 +185,8 @@ class SafeSource:
         for k in range(MAX_SKIP):
             rec = self.source[(i + k) % len(self.source)]
             try:
-                return {'image': decode(rec['image']), 'label': np.int32(rec['label']), 'skipped': np.int32(k)}
+                return {'image': decode(rec['image'], self.min_side), 'label': np.int32(rec['label']),
+                        'skipped': np.int32(k)}
             except Exception:  # noqa: BLE001  (any decoder failure means "unreadable")
                 continue
         raise ValueError(f'{MAX_SKIP} consecutive unreadable images from index {i}; is the dataset corrupt?')
@@ -199,12 +228,27 @@ class CenterCrop(grain.transforms.Map):
 
 
 # ---------------------------------------------------------------------------- pipelines
+def read_options(data_cfg, local_batch: int) -> grain.ReadOptions:
+    """Prefetch of whole batches, bounded in bytes: at most `data.buffer_mb` MiB of decoded batches
+    ahead (at least one, at most 16, grain's default thread count), with as many threads (a thread
+    makes one batch). grain's default (500 batches) grows to many GiB while the accelerator is the
+    bottleneck (500 x 768 x 256^2 x 3 bytes = 75 GB)."""
+    batch_bytes = local_batch * data_cfg.image_size ** 2 * 3
+    n = int(max(1, min(16, data_cfg.get('buffer_mb', 1024) * 2 ** 20 // batch_bytes)))
+    return grain.ReadOptions(num_threads=n, prefetch_buffer_size=n)
+
+
 def make_dataset(data_cfg, *, split: str, local_batch: int, seed: int, process_index: int = 0,
                  process_count: int = 1, train: bool = True):
-    """-> (grain IterDataset of batches, source). `train`: infinite, shuffled, augmented."""
+    """-> (grain IterDataset of batches, source). `train`: infinite, shuffled, augmented.
+
+    Memory (docs/gpu.md, "Input pipeline memory"): each process, and each of `data.workers` worker
+    processes, buffers at most `read_options` batches plus 2 in the worker's output queue, and
+    decodes one image per thread at a bounded size (`decode`).
+    """
     source = make_source(data_cfg, split)
     ratio = 1.0 if data_cfg.source == 'builtin' else 1.125
-    ds = grain.MapDataset.source(SafeSource(source))
+    ds = grain.MapDataset.source(SafeSource(source, min_side=round(ratio * data_cfg.image_size)))
     if train:
         ds = ds.seed(seed).shuffle().repeat()
     ds = ds[process_index::process_count]
@@ -213,7 +257,7 @@ def make_dataset(data_cfg, *, split: str, local_batch: int, seed: int, process_i
     else:
         ds = ds.map(CenterCrop(data_cfg.image_size, ratio))
     ds = ds.batch(local_batch, drop_remainder=train)
-    it = ds.to_iter_dataset()
+    it = ds.to_iter_dataset(read_options(data_cfg, local_batch))
     workers = int(data_cfg.get('workers', 0))
     if workers > 0:
         from absl import flags  # noqa: PLC0415
