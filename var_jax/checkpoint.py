@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import shutil
 import uuid
 from typing import Any
@@ -204,6 +205,22 @@ def damage_reason(e: BaseException) -> str:
     text = (str(e).strip().splitlines() or [type(e).__name__])[0]
     text = text.split('. See full TensorStore details')[0]
     return f'{type(e).__name__}: {text[:200]}' if type(e) is not ValueError else text[:200]
+
+
+def _drop_read_echoes(hook):
+    """A damaged array chunk fails one of the many reads Orbax runs at once; the other reads'
+    coroutines then fail too when they are collected, and Python prints each of those as
+    "Exception ignored in: <coroutine ...>" with the whole TensorStore spec (~160 lines for one cut
+    file). The first failure is reported as one line (`damage_reason`); these echoes are dropped."""
+
+    def quiet(u):
+        if not str(u.exc_value).startswith('Encountered error while reading array index'):
+            hook(u)
+
+    return quiet
+
+
+sys.unraisablehook = _drop_read_echoes(sys.unraisablehook)
 
 
 def all_finite(tree) -> bool:

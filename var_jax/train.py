@@ -238,9 +238,9 @@ def check_tokenizer(config, workdir) -> None:
     (b) a tokenizer trained here under existing VAR steps, and `tokenizer.train` now differs from
         the settings it was trained with (its config.json), e.g. a higher `total_steps`."""
     local = epath.Path(workdir) / TOKENIZER_DIR
-    if not (local / checkpoint.MODEL_FILE).exists():
+    if not (local / checkpoint.MODEL_FILE).exists() and not (local / 'config.json').exists():
         return
-    meta = checkpoint.read_model_json(local)[2]
+    meta = checkpoint.read_model_json(local)[2] if (local / checkpoint.MODEL_FILE).exists() else {}
     copied = (meta.get('source') or {}).get('tokenizer')
     given = config.tokenizer.checkpoint
     hint = 'use a new workdir, or the settings of the first run'

@@ -406,7 +406,7 @@ def _variant(task: Task, config, **dotted):
     return t, c
 
 
-def what_fits(task: Task, config, need: int, limit: int, *, image_size: int, dataset_size: int,
+def what_fits(task: Task, config, need: int, limit: int, *, mesh_shape: dict, image_size: int, dataset_size: int,
               max_compiles: int = 5) -> dict | None:
     """Settings that keep the recipe's global batch and bring the compiled per-device memory under
     `limit`, tried cheapest first and each compiled (abstract shapes, no data): all data-parallel
@@ -417,62 +417,57 @@ def what_fits(task: Task, config, need: int, limit: int, *, image_size: int, dat
     compiled, so a search costs at most `max_compiles` compiles.
     -> {'args': [--config overrides], 'bytes_per_device': int} for the first that fits, or None."""
     tried, applied, best = 0, {}, None
-    mesh = dict(config.mesh)
-    n = len(jax.devices()) if not mesh.get('num_devices') else mesh['num_devices']
-    tensor = mesh.get('tensor', 1)
+    data, fsdp, tensor = (int(mesh_shape[a]) for a in sharding.MESH_AXES)
+    n = data * fsdp * tensor
     steps: list[dict] = []
-    if mesh.get('fsdp', 1) * tensor < n:
-        steps.append({'mesh.data': 1, 'mesh.fsdp': n // tensor})
+    if data > 1:
+        steps.append({'mesh.data': 1, 'mesh.fsdp': data * fsdp})
     if 'remat' in task.memory_knobs and config.model.get('remat', 'none') == 'none':
         steps.append({'model.remat': 'block'})
 
     def measure(overrides):
-        nonlocal tried
+        nonlocal tried, best
         tried += 1
         t, c = _variant(task, config, **overrides)
         try:
             s = setup(t, c, dataset_size=dataset_size, image_size=image_size)
-            return compile_and_measure(t, s, c, image_size)[2]
-        except ValueError:
+            got = compile_and_measure(t, s, c, image_size)[2]
+        except ValueError:  # a setting this mesh or batch does not allow
             return None
+        if got is not None and (best is None or got < best[1]):
+            best = (dict(overrides), got)
+        return got
 
     last = need
     for step in steps:
         if tried >= max_compiles:
             break
-        applied.update(step)
-        got = measure(applied)
+        got = measure({**applied, **step})
         if got is None:
-            applied = {k: v for k, v in applied.items() if k not in step}
             continue
+        applied.update(step)
         last = got
-        best = (dict(applied), got)
         if got <= limit:
             return _suggestion(applied, got)
     if 'grad_accum' in task.memory_knobs and tried < max_compiles:
         per_device = config.batch_size // max(1, n // tensor)  # over data x fsdp, whatever their split
         accum0 = int(config.get('grad_accum', 1))
         ks = [k for k in (2, 4, 8, 16, 32, 64, 128, 256) if k > accum0 and per_device % k == 0]
-        if ks:
-            m2 = measure({**applied, 'grad_accum': ks[0]})
-            if m2 is not None:
-                best = ({**applied, 'grad_accum': ks[0]}, m2)
-                if m2 <= limit:
-                    return _suggestion(best[0], m2)
-                # m(k) = f + a / k through (accum0, last) and (ks[0], m2)
-                a = (last - m2) / (1 / accum0 - 1 / ks[0]) if last > m2 else 0.0
-                f = m2 - a / ks[0]
-                for k in ks[1:]:
-                    if tried >= max_compiles:
-                        break
-                    if a > 0 and f + a / k > limit and k != ks[-1]:
-                        continue
-                    got = measure({**applied, 'grad_accum': k})
-                    if got is None:
-                        continue
-                    best = ({**applied, 'grad_accum': k}, got)
-                    if got <= limit:
-                        return _suggestion(best[0], got)
+        m2 = measure({**applied, 'grad_accum': ks[0]}) if ks else None
+        if m2 is not None and m2 <= limit:
+            return _suggestion({**applied, 'grad_accum': ks[0]}, m2)
+        if m2 is not None and m2 < last:
+            # memory(k) = fixed + activations / k, through (accum0, last) and (ks[0], m2)
+            act = (last - m2) / (1 / accum0 - 1 / ks[0])
+            fixed = m2 - act / ks[0]
+            for k in ks[1:]:
+                if tried >= max_compiles:
+                    break
+                if fixed + act / k > limit and k != ks[-1]:
+                    continue  # predicted not to fit: skip the compile (the largest k is tried anyway)
+                got = measure({**applied, 'grad_accum': k})
+                if got is not None and got <= limit:
+                    return _suggestion({**applied, 'grad_accum': k}, got)
     return None if best is None else {**_suggestion(*best), 'fits': False}
 
 
@@ -505,7 +500,8 @@ def dry_run_report(task: Task, config, *, device_memory_gib: float = 0.0) -> dic
         return out
     say(f'does not fit: {need / gib:.2f} GiB per device > {where}; trying settings that keep the global batch '
         f'{config.batch_size}')
-    sug = what_fits(task, config, need, limit, image_size=data_cfg.image_size, dataset_size=size)
+    sug = what_fits(task, config, need, limit, mesh_shape=dict(s.mesh.shape), image_size=data_cfg.image_size,
+                    dataset_size=size)
     out['suggestion'] = sug
     if sug is None:
         say('nothing tried changes the memory: more devices (a larger fsdp) or a smaller batch')
