@@ -5,7 +5,10 @@ checkpoint of {'vqvae': ..., 'var': ...} parameter states). A *training workdir*
 `model.json` plus `checkpoints/<step>/` written by `TrainCheckpointer`; `load_model` reads either,
 so `python -m var_jax.sample --checkpoint` takes a converted checkpoint or a training workdir.
 Writes go to a temporary sibling and are renamed into place: an interrupted save leaves nothing
-half-written under the final name.
+half-written under the final name. A step that is there but does not read back (a cut or damaged
+file) is *damaged*: training falls back to the newest intact step (`TrainCheckpointer.restore_intact`,
+the step is moved aside, never deleted), and reading parameters for inference names the damaged
+and the intact steps in one error line (`restore_params`); docs/reliability.md.
 """
 from __future__ import annotations
 

@@ -3,7 +3,9 @@
 A `Task` says what is trained (models, optimizer, one update step, evaluations); this file does
 everything else, once: mesh, input, sharded state creation or exact resume, the jitted step with
 shardings and donation, the non-finite guard, checkpoints (periodic, final, on SIGTERM), metrics,
-progress and the dry run. Sections below follow that order.
+progress and the dry run. Sections below follow that order. What a run guarantees (fallback from a
+damaged checkpoint, one run per workdir, exit status 75 after a signal, the dry run's "what fits")
+is summarised in docs/reliability.md.
 """
 from __future__ import annotations
 
