@@ -18,6 +18,8 @@
 #   KILL_GRACE    seconds between SIGTERM and SIGKILL when stopping the ranks (default 10)
 # Each rank's output is prefixed with "[rank i] ". The script waits for all ranks; when one
 # fails, it stops the others (SIGTERM, then SIGKILL) and exits with the failed rank's status.
+# Status 75 means the ranks were stopped by a signal after saving a checkpoint: run again to resume
+# (docs/reliability.md).
 # Everything binds to 127.0.0.1 (JAX_COORDINATOR_BIND_ADDRESS).
 set -euo pipefail
 # shellcheck source=lib.sh
@@ -140,7 +142,11 @@ exec 3>&2
       remaining=$((remaining - 1))
       if ((status != 0)) && [[ -z "$failed" ]]; then
         failed="$i" rc="$status"
-        printf '# rank %d exited with status %d: stopping the other ranks\n' "$i" "$status" >&3
+        if ((status == 75)); then
+          printf '# rank %d stopped by a signal after saving (status 75)\n' "$i" >&3
+        else
+          printf '# rank %d exited with status %d: stopping the other ranks\n' "$i" "$status" >&3
+        fi
         stop_all
       fi
     done
@@ -157,6 +163,8 @@ trap - EXIT
 if [[ -n "$failed" ]]; then
   if [[ "$failed" == signal ]]; then
     printf '# interrupted: all ranks stopped\n' >&2
+  elif ((rc == 75)); then
+    printf '# stopped by a signal with a checkpoint saved (status 75): run the same command to resume\n' >&2
   else
     printf '# rank %s failed with status %d\n' "$failed" "$rc" >&2
   fi

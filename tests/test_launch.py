@@ -542,6 +542,20 @@ def test_local_failure_stops_the_others(tmp_path):
         assert not _alive(int((tmp_path / f'rank{i}.pid').read_text()))
 
 
+def test_local_stopped_ranks_pass_the_requeue_status_on(tmp_path):
+    """Ranks stopped by a signal after saving exit 75 (trainer.EXIT_STOPPED): the script says so
+    and exits 75, so a scheduler around it can requeue, not 0 (finished) or a failure."""
+    env = _standin(tmp_path, 'stopped', '''
+        import sys
+        print('stopped by signal at step 8; checkpoint saved')
+        sys.exit(75)
+    ''')
+    r = run(LOCAL, '2', env=env)
+    assert r.returncode == 75, r.stdout + r.stderr
+    assert 'stopped by a signal after saving (status 75)' in r.stderr
+    assert 'run the same command to resume' in r.stderr and 'failed' not in r.stderr
+
+
 def test_local_sigkill_after_grace(tmp_path):
     env = _standin(tmp_path, 'stubborn', '''
         import os, pathlib, signal, sys, time

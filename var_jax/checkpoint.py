@@ -5,12 +5,17 @@ checkpoint of {'vqvae': ..., 'var': ...} parameter states). A *training workdir*
 `model.json` plus `checkpoints/<step>/` written by `TrainCheckpointer`; `load_model` reads either,
 so `python -m var_jax.sample --checkpoint` takes a converted checkpoint or a training workdir.
 Writes go to a temporary sibling and are renamed into place: an interrupted save leaves nothing
-half-written under the final name.
+half-written under the final name. A step that is there but does not read back (a cut or damaged
+file) is *damaged*: training falls back to the newest intact step (`TrainCheckpointer.restore_intact`,
+the step is moved aside, never deleted), and reading parameters for inference names the damaged
+and the intact steps in one error line (`restore_params`); docs/reliability.md.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 import shutil
 import uuid
 from typing import Any
@@ -220,6 +225,50 @@ def _restore(directory, target, *, partial: bool = False):
 CHECKPOINTS = 'checkpoints'
 
 
+class _NoReadOnlyNotice(logging.Filter):
+    """Orbax warns 'Given directory is read only' whenever a manager is opened read-only, which is
+    what reading a workdir for sampling or evaluation means: noise on the console of those tools."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith('Given directory is read only')
+
+
+logging.getLogger('absl').addFilter(_NoReadOnlyNotice())
+
+
+def damage_reason(e: BaseException) -> str:
+    """One short line from what Orbax / TensorStore raise for a step that does not read back (a
+    bare Exception with the TensorStore spec for a cut array chunk, JSONDecodeError for a damaged
+    metadata file, FileNotFoundError, ...)."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    text = text.split('. See full TensorStore details')[0]
+    return f'{type(e).__name__}: {text[:200]}' if type(e) is not ValueError else text[:200]
+
+
+def _drop_read_echoes(hook):
+    """A damaged array chunk fails one of the many reads Orbax runs at once; the other reads'
+    coroutines then fail too when they are collected, and Python prints each of those as
+    "Exception ignored in: <coroutine ...>" with the whole TensorStore spec (~160 lines for one cut
+    file). The first failure is reported as one line (`damage_reason`); these echoes are dropped."""
+
+    def quiet(u):
+        if not str(u.exc_value).startswith('Encountered error while reading array index'):
+            hook(u)
+
+    return quiet
+
+
+sys.unraisablehook = _drop_read_echoes(sys.unraisablehook)
+
+
+def all_finite(tree) -> bool:
+    """No NaN / inf in the restored floats (one reduction on the devices where they already lie)."""
+    leaves = [x for x in jax.tree.leaves(tree) if hasattr(x, 'dtype') and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return True
+    return bool(jax.jit(lambda xs: jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])))(leaves))
+
+
 class TrainCheckpointer:
     """Orbax CheckpointManager over `workdir/checkpoints/<step>/` with three items:
 
@@ -249,43 +298,111 @@ class TrainCheckpointer:
     def latest_step(self) -> int | None:
         return self.mngr.latest_step()
 
-    def save(self, step: int, params, state, data_iter=None, *, force: bool = False) -> bool:
+    def save(self, step: int, params, state, data_iter=None, *, force: bool = False, meta: dict | None = None) -> bool:
+        """`meta`: small JSON facts about the run stored with the step (`run_metadata`)."""
         import grain  # noqa: PLC0415
 
         items = {'params': ocp.args.StandardSave(params), 'state': ocp.args.StandardSave(state)}
         if data_iter is not None:
             items['data'] = grain.checkpoint.CheckpointSave(data_iter)
-        return self.mngr.save(step, args=ocp.args.Composite(**items), force=force)
+        return self.mngr.save(step, args=ocp.args.Composite(**items), force=force, custom_metadata=meta or {})
 
     def restore(self, params_target, state_target, data_iter=None, step: int | None = None):
+        step = self.latest_step() if step is None else step
+        try:
+            return self._read(step, params_target, state_target, data_iter)
+        except Exception as e:  # noqa: BLE001  (see `damage_reason`)
+            raise ValueError(f'{self.workdir}: cannot restore step {step} ({damage_reason(e)}); '
+                             'was it written by another config?') from None
+
+    def _read(self, step, params_target, state_target, data_iter=None):
         import grain  # noqa: PLC0415
 
-        step = self.latest_step() if step is None else step
         items = {'params': ocp.args.StandardRestore(params_target), 'state': ocp.args.StandardRestore(state_target)}
         if data_iter is not None:
             items['data'] = grain.checkpoint.CheckpointRestore(data_iter)
-        try:
-            out = self.mngr.restore(step, args=ocp.args.Composite(**items))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise ValueError(f'{self.workdir}: cannot restore step {step} '
-                             f'({str(e).splitlines()[0][:300]}); was it written by another config?') from None
+        out = self.mngr.restore(step, args=ocp.args.Composite(**items))
+        if not all_finite((out['params'], out['state'])):
+            raise ValueError('non-finite values')  # the trainer never saves them: a flipped exponent bit
         return out['params'], out['state']
+
+    def restore_intact(self, params_target, state_target, data_iter=None):
+        """Restore the newest step that reads back whole -> (step, params, state, damaged), where
+        `damaged` lists the newer steps that did not, as (step, reason).
+
+        A step is taken for damaged only when an older one restores into the same targets: when
+        none does, the config rather than the files is the likely cause, and the newest step's
+        error is raised with nothing marked. Every process reads the same files (shared storage), so
+        all of them fall back to the same step."""
+        steps = sorted(self.mngr.all_steps(), reverse=True)
+        damaged = []
+        for step in steps:
+            try:
+                params, state = self._read(step, params_target, state_target, data_iter)
+            except Exception as e:  # noqa: BLE001
+                damaged.append((step, damage_reason(e)))
+                continue
+            return step, params, state, damaged
+        step, reason = damaged[0]
+        raise ValueError(f'{self.workdir}: cannot restore step {step} ({reason}); was it written by another config?')
+
+    def set_aside(self, step: int, dest) -> None:
+        """Move a damaged step out of `checkpoints/` (to `dest`): Orbax then neither lists it as the
+        newest step, nor refuses the next save of the same step number, nor deletes it when it
+        rotates old checkpoints out; the bytes stay for inspection. Process 0 moves, all wait."""
+        if jax.process_index() == 0:
+            dest = epath.Path(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            (self.workdir / CHECKPOINTS / str(step)).rename(dest)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices(f'var_jax set aside step {step}')
+        self.mngr.reload()
+
+    def run_metadata(self, step: int) -> dict:
+        """What `save(meta=...)` stored with `step` ({} for checkpoints written before it existed)."""
+        try:
+            return dict(self.mngr.metadata(step).custom_metadata or {})
+        except Exception:  # noqa: BLE001
+            return {}
 
     def restore_params(self, target: dict[str, Any], step: int | None = None):
         step = self.latest_step() if step is None else step
         if step is None:
             raise ValueError(f'{self.workdir}: no checkpoint saved yet')
+        try:
+            return self._read_params(target, step)
+        except ValueError as e:
+            if 'model.json does not describe' in str(e):
+                raise
+            reason = str(e)
+        except Exception as e:  # noqa: BLE001
+            reason = damage_reason(e)
+        intact = []
+        for other in sorted(self.mngr.all_steps(), reverse=True):
+            if other != step:
+                try:
+                    self._read_params(target, other)
+                    intact.append(other)
+                except Exception:  # noqa: BLE001, S112
+                    continue
+        if intact:  # the same model reads from other steps: these files are damaged
+            raise ValueError(f'{self.workdir}: checkpoint step {step} is damaged ({reason}); intact steps: '
+                             f'{", ".join(map(str, intact))} (sample --step N reads one; training falls back to the '
+                             f'newest by itself)')
+        raise ValueError(f'{self.workdir}: cannot restore parameters of step {step} ({reason})')
+
+    def _read_params(self, target, step):
         meta = self.mngr.item_metadata(step)['params']
         names = set(meta.keys()) if meta is not None else set(target)
         unknown = sorted(n for n in names if n.removesuffix('_ema') not in target)
         if unknown:
             raise ValueError(f'{self.workdir}: step {step} holds parameters {unknown} that model.json does not describe')
         want = {n: target[n.removesuffix('_ema')] for n in names}  # an EMA copy has its model's shapes
-        try:
-            out = self.mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(want)))['params']
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise ValueError(f'{self.workdir}: cannot restore parameters of step {step} '
-                             f'({str(e).splitlines()[0][:300]})') from None
+        out = self.mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(want)))['params']
+        if not all_finite(out):
+            raise ValueError('non-finite values')
         # prefer EMA weights when the run kept them
         return {k: out.get(f'{k}_ema', out[k]) for k in target if k in out}
 

@@ -8,6 +8,8 @@ vocabulary usage, images/s, tokens/s and TFLOP/s.
 """
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import jax
@@ -28,6 +30,7 @@ TOKENIZER_DIR = 'tokenizer'
 class VARTask(trainer.Task):
     name = 'var'
     export = ('var',)
+    memory_knobs = ('remat', 'grad_accum')
 
     def __init__(self, config, workdir, *, dry_run: bool = False, tokenizer=None):
         """`tokenizer`: a VQVAE to use as is instead of config.tokenizer (benchmarks)."""
@@ -49,16 +52,22 @@ class VARTask(trainer.Task):
             local = self.workdir / TOKENIZER_DIR
             if (local / checkpoint.MODEL_FILE).exists():
                 path = str(local)
+            elif self.dry_run and tcfg.get('train'):  # the tokenizer this run would train first
+                from var_jax.train_tokenizer import vqvae_config_from  # noqa: PLC0415
+
+                return vqvae_config_from(tcfg.train.model), None, None
             elif self.dry_run:  # compile against the official-size tokenizer; no weights needed
                 return vqvae_config(patch_nums=config_lib.patch_nums_of(self.config.model)), None, None
             else:
                 raise ValueError('config.tokenizer.checkpoint is empty: give a converted official VQVAE or a '
                                  'tokenizer workdir, or set config.tokenizer.train to train one first')
+        local = self.workdir / TOKENIZER_DIR
+        if not self.dry_run and (local / checkpoint.MODEL_FILE).exists():
+            path = str(local)  # the copy sampling decodes with (`check_tokenizer`: it is the one named)
         vq, _ = checkpoint.load_model(path, tokenizer_only=True)
-        inside = epath.Path(path).resolve() == (self.workdir / TOKENIZER_DIR).resolve()
-        if not inside and not self.dry_run and jax.process_index() == 0 \
-                and not (self.workdir / TOKENIZER_DIR / checkpoint.MODEL_FILE).exists():
-            checkpoint.save_model(self.workdir / TOKENIZER_DIR, vqvae=vq, source={'tokenizer': str(path)})
+        inside = epath.Path(path).resolve() == local.resolve()
+        if not inside and not self.dry_run and jax.process_index() == 0:
+            checkpoint.save_model(local, vqvae=vq, source={'tokenizer': _same_path(path)})
         return vq.config, nnx.state(vq, nnx.Param), TOKENIZER_DIR
 
     @property
@@ -198,12 +207,80 @@ def gather(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+# ---------------------------------------------------------------------------- the workdir's tokenizer
+# settings that do not change the tokenizer's weights (a rerun may change them freely)
+_HARMLESS = ('log_every', 'checkpoint_every', 'keep_checkpoints', 'eval_every', 'eval_batches', 'max_nonfinite',
+             'data.workers', 'mesh.')
+
+
+def _same_path(path) -> str:
+    """How a tokenizer path is recorded and compared: absolute, symlinks resolved (local paths)."""
+    p = checkpoint.abspath(path)
+    return str(p) if '://' in str(p) else os.path.realpath(os.fspath(p))
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f'{prefix}{k}.'))
+        else:
+            out[f'{prefix}{k}'] = v
+    return out
+
+
+def check_tokenizer(config, workdir) -> None:
+    """The workdir's `tokenizer/` must be the one the config names, and must not change under a VAR
+    that has trained on it (sampling decodes with that copy; VAR's tokens come from it). Each
+    mismatch is an error saying what differs; nothing is replaced or retrained silently.
+
+    (a) a copy of checkpoint A (model.json `source`), and the config now names B or asks to train
+        one; or a tokenizer trained here, and the config now names a checkpoint;
+    (b) a tokenizer trained here under existing VAR steps, and `tokenizer.train` now differs from
+        the settings it was trained with (its config.json), e.g. a higher `total_steps`."""
+    local = epath.Path(workdir) / TOKENIZER_DIR
+    if not (local / checkpoint.MODEL_FILE).exists() and not (local / 'config.json').exists():
+        return
+    meta = checkpoint.read_model_json(local)[2] if (local / checkpoint.MODEL_FILE).exists() else {}
+    copied = (meta.get('source') or {}).get('tokenizer')
+    given = config.tokenizer.checkpoint
+    hint = 'use a new workdir, or the settings of the first run'
+    if given:
+        if _same_path(given) == _same_path(local):
+            return
+        if copied and _same_path(copied) != _same_path(given):
+            raise ValueError(f'config.tokenizer.checkpoint is {given} but {local} (what this workdir trained and '
+                             f'samples with) is a copy of {copied}; {hint}')
+        if not copied and (local / checkpoint.CHECKPOINTS).exists():
+            raise ValueError(f'config.tokenizer.checkpoint is {given} but this workdir trained its own tokenizer '
+                             f'in {local}; {hint}')
+        return
+    if not config.tokenizer.get('train'):
+        return
+    if copied:
+        raise ValueError(f'the config asks to train a tokenizer (config.tokenizer.checkpoint is empty) but {local} '
+                         f'is a copy of {copied}; {hint}')
+    saved = local / 'config.json'
+    var_steps = epath.Path(workdir) / checkpoint.CHECKPOINTS
+    if not saved.exists() or not (var_steps.exists() and any(p.name.isdigit() for p in var_steps.iterdir())):
+        return  # VAR has not trained yet: the tokenizer may still change (it resumes)
+    old = _flat(json.loads(saved.read_text()))
+    new = _flat(json.loads(config.tokenizer.train.to_json_best_effort()))
+    diff = [f'{k} {old.get(k, "(unset)")} -> {new.get(k, "(unset)")}' for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(_HARMLESS)]
+    if diff:
+        raise ValueError(f'config.tokenizer.train differs from the tokenizer in {local} that VAR has trained on '
+                         f'({"; ".join(diff)}); training it again would change the frozen tokenizer under the saved '
+                         f'VAR steps: {hint}')
+
+
 # ---------------------------------------------------------------------------- entry point
-def run(config, workdir, *, dry_run: bool = False) -> dict:
+def run(config, workdir, *, dry_run: bool = False, device_memory_gib: float = 0.0) -> dict:
     """Train the tokenizer first when the config asks for it, then VAR; returns final metrics.
 
     Config, workdir and data are checked before anything is written; a run that still fails on a
     config or data error before training leaves no workdir behind (config_lib.fresh_workdir_guard).
+    One run at a time per workdir (trainer.workdir_lock, held over both phases).
     """
     config_lib.check(config, 'var')
     config_lib.check_workdir(workdir)
@@ -215,19 +292,22 @@ def run(config, workdir, *, dry_run: bool = False) -> dict:
         if train_tok:
             make_source(config.tokenizer.train.data, 'train')
     with config_lib.fresh_workdir_guard(workdir):
-        return _run(config, workdir, dry_run=dry_run, train_tok=train_tok)
+        distributed.maybe_initialize()  # before the tokenizer is loaded: that touches the backend
+        workdir = checkpoint.abspath(workdir)
+        if dry_run:
+            task = VARTask(config, workdir, dry_run=True)
+            return trainer.run(task, config, workdir, dry_run=True, device_memory_gib=device_memory_gib)
+        with trainer.workdir_lock(workdir):
+            return _run(config, workdir, train_tok=train_tok)
 
 
-def _run(config, workdir, *, dry_run: bool, train_tok: bool) -> dict:
-    distributed.maybe_initialize()  # before the tokenizer is loaded: that touches the backend
-    workdir = checkpoint.abspath(workdir)
+def _run(config, workdir, *, train_tok: bool) -> dict:
+    check_tokenizer(config, workdir)
     if train_tok:
         from var_jax import train_tokenizer  # noqa: PLC0415
 
         train_tokenizer.run(config.tokenizer.train, workdir / TOKENIZER_DIR)
-    task = VARTask(config, workdir, dry_run=dry_run)
-    if dry_run:
-        return trainer.run(task, config, workdir, dry_run=True)
+    task = VARTask(config, workdir)
     out = trainer.run(task, config, workdir)
     if config.get('evaluate'):
         if jax.process_count() > 1:  # the score samples on one host's devices
@@ -270,7 +350,7 @@ def main(argv):
 
     del argv
     f = flags.FLAGS
-    sys.exit(cli.run(lambda: run(f.config, f.workdir, dry_run=f.dry_run) and 0))
+    sys.exit(cli.run(lambda: run(f.config, f.workdir, dry_run=f.dry_run, device_memory_gib=f.dry_run_memory_gib) and 0))
 
 
 if __name__ == '__main__':
@@ -280,4 +360,6 @@ if __name__ == '__main__':
     config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'training config file', lock_config=True)
     flags.DEFINE_string('workdir', None, 'output directory (local or gs://); re-running resumes', required=True)
     flags.DEFINE_bool('dry_run', False, 'compile the sharded step from abstract shapes, print memory, exit')
+    flags.DEFINE_float('dry_run_memory_gib', 0.0, 'with --dry_run: the memory of one target device in GiB (default: '
+                       'what the device reports; a CPU reports none), to say which settings fit')
     app.run(main, flags_parser=config_lib.parse_flags)

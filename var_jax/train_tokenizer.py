@@ -256,12 +256,13 @@ class TokenizerTask(trainer.Task):
         return out
 
 
-def run(config, workdir, *, dry_run: bool = False) -> dict:
+def run(config, workdir, *, dry_run: bool = False, device_memory_gib: float = 0.0) -> dict:
     config_lib.check(config, 'tokenizer')
     config_lib.check_workdir(workdir)
     with config_lib.fresh_workdir_guard(workdir):  # a config or data error leaves no workdir behind
         distributed.maybe_initialize()  # before the task builds anything on the backend
-        return trainer.run(TokenizerTask(config, workdir), config, workdir, dry_run=dry_run)
+        return trainer.run(TokenizerTask(config, workdir), config, workdir, dry_run=dry_run,
+                           device_memory_gib=device_memory_gib)
 
 
 def main(argv):
@@ -269,7 +270,7 @@ def main(argv):
 
     del argv
     f = flags.FLAGS
-    sys.exit(cli.run(lambda: run(f.config, f.workdir, dry_run=f.dry_run) and 0))
+    sys.exit(cli.run(lambda: run(f.config, f.workdir, dry_run=f.dry_run, device_memory_gib=f.dry_run_memory_gib) and 0))
 
 
 if __name__ == '__main__':
@@ -279,4 +280,6 @@ if __name__ == '__main__':
     config_flags.DEFINE_config_file('config', 'configs/tokenizer_tiny.py', 'tokenizer config', lock_config=True)
     flags.DEFINE_string('workdir', None, 'output directory (local or gs://); re-running resumes', required=True)
     flags.DEFINE_bool('dry_run', False, 'compile the step from abstract shapes, print memory, exit')
+    flags.DEFINE_float('dry_run_memory_gib', 0.0, 'with --dry_run: the memory of one target device in GiB, to say '
+                       'whether the step fits and which mesh does')
     app.run(main, flags_parser=config_lib.parse_flags)

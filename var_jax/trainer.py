@@ -3,13 +3,22 @@
 A `Task` says what is trained (models, optimizer, one update step, evaluations); this file does
 everything else, once: mesh, input, sharded state creation or exact resume, the jitted step with
 shardings and donation, the non-finite guard, checkpoints (periodic, final, on SIGTERM), metrics,
-progress and the dry run. Sections below follow that order.
+progress and the dry run. Sections below follow that order. What a run guarantees (fallback from a
+damaged checkpoint, one run per workdir, exit status 75 after a signal, the dry run's "what fits")
+is summarised in docs/reliability.md.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
+import datetime
+import json
 import os
+import shutil
 import signal
+import socket
+import sys
 import time
 from typing import Any
 
@@ -26,6 +35,13 @@ IMAGENET_TRAIN = 1_281_167  # schedule length for a dry run, which reads no data
 # Tests set this to make the process SIGKILL itself after that step (once pending checkpoint
 # writes are on disk), i.e. the `kill -9` of the resume test without a timing race.
 _FAULT_KILL_AT = int(os.environ.get('VAR_JAX_FAULT_KILL_AT_STEP', '0'))
+# Exit status of a run stopped by SIGTERM / SIGINT after its checkpoint was saved: EX_TEMPFAIL of
+# sysexits.h ("temporary failure, try again"), distinct from 0 (finished), 1 (a bug), 2 (a user
+# error) and 128+N (killed by signal N before it could save), so that a scheduler can requeue on it
+# (SLURM: RequeueExit=75 in slurm.conf; Kubernetes: a podFailurePolicy rule on exit code 75).
+EXIT_STOPPED = 75
+LOCK_FILE = '.lock'  # in the workdir: who trains in it (see `workdir_lock`)
+DAMAGED = 'checkpoints-damaged'  # damaged steps are moved here, out of Orbax's reach, never deleted
 
 
 @struct.dataclass
@@ -46,6 +62,7 @@ class Task:
 
     name = 'task'
     export = ('var',)  # params saved in the checkpoint's `params` item (what inference loads)
+    memory_knobs: tuple[str, ...] = ()  # what the dry run may suggest besides fsdp: 'remat', 'grad_accum'
     already_complete = False  # set by `run`: the workdir held a finished run (nothing was trained)
 
     def __init__(self, config, workdir):
@@ -209,6 +226,12 @@ def _abstract(tree, shardings):
 
 def compile_step(task: Task, s: Setup, config, image_size: int):
     """Lower + compile the step from abstract shapes; returns (compiled, memory report string)."""
+    compiled, report, _ = compile_and_measure(task, s, config, image_size)
+    return compiled, report
+
+
+def compile_and_measure(task: Task, s: Setup, config, image_size: int):
+    """`compile_step` -> (compiled, report line, per-device bytes or None where XLA tells none)."""
     b = config.batch_size
     batch = {'image': jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.uint8, sharding=s.batch_shardings['image']),
              'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=s.batch_shardings['label']),
@@ -219,13 +242,14 @@ def compile_step(task: Task, s: Setup, config, image_size: int):
         compiled = s.step_fn.lower(_abstract(s.abstract_state, s.state_shardings), batch, frozen).compile()
     report = f'compiled the train step in {time.time() - t0:.1f}s'
     mem = compiled.memory_analysis()
+    total = None
     if mem is not None:
         gib = 2 ** 30
         total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
         report += (f'; per-device memory {total / gib:.2f} GiB (arguments {mem.argument_size_in_bytes / gib:.2f}, '
                    f'outputs {mem.output_size_in_bytes / gib:.2f}, temporaries {mem.temp_size_in_bytes / gib:.2f}, '
                    f'donated/aliased {mem.alias_size_in_bytes / gib:.2f})')
-    return compiled, report
+    return compiled, report, total
 
 
 def _split_for_checkpoint(task: Task, state: TrainState):
@@ -283,20 +307,229 @@ class _Stop:
             signal.signal(sig, old)
 
 
-def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
-    """Train `task` into `workdir` (resuming if it holds checkpoints). Returns final metrics."""
+# ---------------------------------------------------------------------------- one run per workdir
+_HELD: dict[str, list] = {}  # lock path -> [open file or None, depth]: re-entrant within a process
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f'pid {h["pid"]} on host {h["host"]}, started {h["started"]}'
+    except (ValueError, KeyError, TypeError):
+        return 'holder unknown'
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir):
+    """Hold `workdir/.lock` while training: a second run on the same workdir stops with one line
+    (two runs would interleave checkpoints and duplicate metrics).
+
+    The lock is `fcntl.flock`, which the kernel releases when the holding process ends in any way,
+    `kill -9` and a crash included, so a dead run never leaves a stale lock; the file's content
+    (pid, host, start time) only names the holder in the error, and the file itself stays. Process
+    0 locks for a multi-process run and tells the others, so every rank stops the same way.
+    Re-entrant within a process (`train` holds it around the tokenizer and VAR phases). Local
+    file systems only: a gs:// workdir is not locked (docs/reliability.md).
+    """
+    import fcntl  # noqa: PLC0415  (POSIX only)
+
+    workdir = checkpoint.abspath(workdir)
+    if '://' in str(workdir):
+        yield
+        return
+    path = os.path.join(os.fspath(workdir), LOCK_FILE)
+    if path in _HELD:
+        _HELD[path][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[path][1] -= 1
+        return
+    fh, holder = None, ''
+    if jax.process_index() == 0:
+        os.makedirs(os.fspath(workdir), exist_ok=True)
+        fh = open(path, 'a+')  # noqa: SIM115  (held open for the run; 'a+' keeps the holder's note readable)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            fh.seek(0)
+            holder = fh.read().strip() or '{}'
+            fh.close()
+            fh = None
+        else:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
+                                 'started': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}))
+            fh.flush()
+    refused = bool(holder)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refused)))
+    if refused:
+        raise ValueError(f'{workdir} is in use by another run ({_describe_holder(holder) if holder else "on process 0"}); '
+                         'wait for it to finish or stop it (a stopped or killed run frees the workdir)')
+    _HELD[path] = [fh, 1]
+    try:
+        yield
+    finally:
+        del _HELD[path]
+        if fh is not None:
+            fh.close()  # closing the file releases the lock
+
+
+# ---------------------------------------------------------------------------- dry run: what fits
+def device_memory(given_gib: float = 0.0) -> tuple[int | None, str]:
+    """-> (bytes one device can hold, where that number comes from). `given_gib` pretends a target
+    device (a CPU dry run knows no device memory)."""
+    if given_gib:
+        return int(given_gib * 2 ** 30), f'{given_gib:g} GiB (given)'
+    try:
+        stats = jax.local_devices()[0].memory_stats() or {}
+    except Exception:  # noqa: BLE001  (backends without memory stats)
+        stats = {}
+    limit = stats.get('bytes_limit')
+    if not limit:
+        return None, 'unknown'
+    return int(limit), f'{limit / 2 ** 30:.1f} GiB ({jax.local_devices()[0].device_kind})'
+
+
+def _variant(task: Task, config, **dotted):
+    c = copy.deepcopy(config)
+    for key, value in dotted.items():
+        node = c
+        *parents, leaf = key.split('.')
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    t = copy.copy(task)
+    t.config = c
+    return t, c
+
+
+def what_fits(task: Task, config, need: int, limit: int, *, mesh_shape: dict, image_size: int, dataset_size: int,
+              max_compiles: int = 5) -> dict | None:
+    """Settings that keep the recipe's global batch and bring the compiled per-device memory under
+    `limit`, tried cheapest first and each compiled (abstract shapes, no data): all data-parallel
+    devices into fsdp (parameters and optimizer state sharded over every device), then `remat=block`
+    (recompute each block in the backward pass, ~1/3 more compute), then gradient accumulation
+    (`grad_accum` micro-batches; activations shrink ~k-fold, the step takes as long). For
+    accumulation, memory ~ fixed + activations / k is fitted from k = 1 and 2 and the predicted k
+    compiled, so a search costs at most `max_compiles` compiles.
+    -> {'args': [--config overrides], 'bytes_per_device': int} for the first that fits, or None."""
+    tried, applied, best = 0, {}, None
+    data, fsdp, tensor = (int(mesh_shape[a]) for a in sharding.MESH_AXES)
+    n = data * fsdp * tensor
+    steps: list[dict] = []
+    if data > 1:
+        steps.append({'mesh.data': 1, 'mesh.fsdp': data * fsdp})
+    if 'remat' in task.memory_knobs and config.model.get('remat', 'none') == 'none':
+        steps.append({'model.remat': 'block'})
+
+    def measure(overrides):
+        nonlocal tried, best
+        tried += 1
+        t, c = _variant(task, config, **overrides)
+        try:
+            s = setup(t, c, dataset_size=dataset_size, image_size=image_size)
+            got = compile_and_measure(t, s, c, image_size)[2]
+        except ValueError:  # a setting this mesh or batch does not allow
+            return None
+        if got is not None and (best is None or got < best[1]):
+            best = (dict(overrides), got)
+        return got
+
+    last = need
+    for step in steps:
+        if tried >= max_compiles:
+            break
+        got = measure({**applied, **step})
+        if got is None:
+            continue
+        applied.update(step)
+        last = got
+        if got <= limit:
+            return _suggestion(applied, got)
+    if 'grad_accum' in task.memory_knobs and tried < max_compiles:
+        per_device = config.batch_size // max(1, n // tensor)  # over data x fsdp, whatever their split
+        accum0 = int(config.get('grad_accum', 1))
+        ks = [k for k in (2, 4, 8, 16, 32, 64, 128, 256) if k > accum0 and per_device % k == 0]
+        m2 = measure({**applied, 'grad_accum': ks[0]}) if ks else None
+        if m2 is not None and m2 <= limit:
+            return _suggestion({**applied, 'grad_accum': ks[0]}, m2)
+        if m2 is not None and m2 < last:
+            # memory(k) = fixed + activations / k, through (accum0, last) and (ks[0], m2)
+            act = (last - m2) / (1 / accum0 - 1 / ks[0])
+            fixed = m2 - act / ks[0]
+            for k in ks[1:]:
+                if tried >= max_compiles:
+                    break
+                if fixed + act / k > limit and k != ks[-1]:
+                    continue  # predicted not to fit: skip the compile (the largest k is tried anyway)
+                got = measure({**applied, 'grad_accum': k})
+                if got is not None and got <= limit:
+                    return _suggestion({**applied, 'grad_accum': k}, got)
+    return None if best is None else {**_suggestion(*best), 'fits': False}
+
+
+def _suggestion(overrides: dict, got: int) -> dict:
+    return {'args': [f'--config.{k}={v}' for k, v in overrides.items()], 'bytes_per_device': int(got), 'fits': True}
+
+
+def dry_run_report(task: Task, config, *, device_memory_gib: float = 0.0) -> dict:
+    """Compile the step from abstract shapes (no data, no weights), print the per-device memory,
+    compare it with the device's and, when it does not fit, say which settings make it fit."""
+    data_cfg = config.data
+    size = int(data_cfg.get('size_hint', IMAGENET_TRAIN))
+    s = setup(task, config, dataset_size=size, image_size=data_cfg.image_size)
+    _, report, need = compile_and_measure(task, s, config, data_cfg.image_size)
+    me = jax.process_index() == 0
+    say = (lambda m: print(f'[{task.name}] {m}', flush=True)) if me else (lambda m: None)  # noqa: E731
+    say(f'dry run on {s.mesh.devices.size} devices (mesh {dict(s.mesh.shape)}): {report}')
+    out = {'dry_run': report, 'bytes_per_device': need, 'fits': None, 'suggestion': None}
+    limit, where = device_memory(device_memory_gib)
+    gib = 2 ** 30
+    if need is None:
+        return out
+    if limit is None:
+        say('device memory unknown here: add --dry_run_memory_gib=G to check a target device (JAX on an '
+            '80 GB H100 gets ~60 GiB by default, 75 % of it; TPU v5p 95, v6e 32)')
+        return out
+    out['fits'] = need <= limit
+    if out['fits']:
+        say(f'fits: {need / gib:.2f} GiB per device of {where}')
+        return out
+    say(f'does not fit: {need / gib:.2f} GiB per device > {where}; trying settings that keep the global batch '
+        f'{config.batch_size}')
+    sug = what_fits(task, config, need, limit, mesh_shape=dict(s.mesh.shape), image_size=data_cfg.image_size,
+                    dataset_size=size)
+    out['suggestion'] = sug
+    if sug is None:
+        say('nothing tried changes the memory: more devices (a larger fsdp) or a smaller batch')
+    elif sug['fits']:
+        say(f'fits with: {" ".join(sug["args"])} -> {sug["bytes_per_device"] / gib:.2f} GiB per device')
+    else:
+        say(f'still too large with {" ".join(sug["args"])} ({sug["bytes_per_device"] / gib:.2f} GiB per device): '
+            'more devices (a larger fsdp) or a smaller batch')
+    return out
+
+
+def run(task: Task, config, workdir, *, dry_run: bool = False, device_memory_gib: float = 0.0) -> dict:
+    """Train `task` into `workdir` (resuming if it holds checkpoints). Returns final metrics.
+
+    `dry_run`: compile only and report the memory (`dry_run_report`); `device_memory_gib` pretends the
+    target device's memory for that comparison."""
     distributed.maybe_initialize()
     workdir = checkpoint.abspath(workdir)
+    if dry_run:  # abstract shapes only: no data, no weights, nothing written
+        return dry_run_report(task, config, device_memory_gib=device_memory_gib)
+    with workdir_lock(workdir):
+        return _train(task, config, workdir)
+
+
+def _train(task: Task, config, workdir) -> dict:
     data_cfg = config.data
-
-    if dry_run:  # abstract shapes only: no data, no weights
-        s = setup(task, config, dataset_size=int(data_cfg.get('size_hint', IMAGENET_TRAIN)),
-                  image_size=data_cfg.image_size)
-        _, report = compile_step(task, s, config, data_cfg.image_size)
-        print(f'[{task.name}] dry run on {s.mesh.devices.size} devices (mesh {dict(s.mesh.shape)}): {report}',
-              flush=True)
-        return {'dry_run': report}
-
     # ---- input (this process's share of the global batch)
     local_batch = config.batch_size // jax.process_count()
     data_iter, source = make_dataset(data_cfg, split='train', local_batch=local_batch, seed=config.seed,
@@ -315,9 +548,16 @@ def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
     with sharding.use_mesh(s.mesh):
         if ckpt.latest_step() is not None:
             p_abs, r_abs = _split_for_checkpoint(task, _abstract(s.abstract_state, s.state_shardings))
-            params, rest = ckpt.restore(p_abs, r_abs, data_iter)
+            at, params, rest, damaged = ckpt.restore_intact(p_abs, r_abs, data_iter)
+            for bad, reason in damaged:  # newer than `at`, which restored into the same targets
+                kept = workdir / DAMAGED / f'step-{bad}-{time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}'
+                ckpt.set_aside(bad, kept)
+                if jax.process_index() == 0:
+                    print(f'warning: checkpoint step {bad} is damaged ({reason}); resuming from step {at} '
+                          f'(the damaged step is kept in {kept})', file=sys.stderr, flush=True)
             state = _join_from_checkpoint(task, params, rest, s.abstract_state)
             print(f'[{task.name}] resumed from {workdir} at step {int(state.step)}', flush=True)
+            _say_what_changed(task, ckpt.run_metadata(at), _run_meta(config, s), at)
         else:
             state = s.init_fn(jax.random.key(config.seed))
             pre = task.pretrained()
@@ -396,17 +636,17 @@ def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
                 last.update(task.evaluate(state, s.frozen, step, writer, final=False))
             if step % ckpt_every == 0 or step == s.total_steps:
                 p, r = _split_for_checkpoint(task, state)
-                ckpt.save(step, p, r, data_iter, force=True)
+                ckpt.save(step, p, r, data_iter, force=True, meta=_run_meta(config, s))
             if step == _FAULT_KILL_AT:  # fault injection for tests: a hard kill right after this step
                 ckpt.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop.requested(step, sync_point=step % log_every == 0):
                 p, r = _split_for_checkpoint(task, state)
-                ckpt.save(step, p, r, data_iter, force=True)
+                ckpt.save(step, p, r, data_iter, force=True, meta=_run_meta(config, s))
                 ckpt.wait()
                 print(f'[{task.name}] stopped by signal at step {step}; checkpoint saved in {workdir}. '
-                      'Run the same command to resume.', flush=True)
-                raise SystemExit(0)
+                      f'Run the same command to resume (exit status {EXIT_STOPPED}).', flush=True)
+                raise SystemExit(EXIT_STOPPED)
         if step == s.total_steps:
             last.update(task.evaluate(state, s.frozen, step, writer, final=True))
             writer.scalars(step, {f'final/{k}': v for k, v in last.items()})
@@ -417,6 +657,23 @@ def run(task: Task, config, workdir, *, dry_run: bool = False) -> dict:
         if hasattr(data_iter, 'close'):
             data_iter.close()
     return last
+
+
+def _run_meta(config, s: Setup) -> dict:
+    """Stored with every checkpoint, to tell a resumed run what it changes."""
+    return {'batch_size': int(config.batch_size), 'total_steps': int(s.total_steps),
+            'grad_accum': int(config.get('grad_accum', 1))}
+
+
+def _say_what_changed(task: Task, old: dict, new: dict, step: int) -> None:
+    """One line when a run resumes with another global batch or schedule length (allowed: e.g.
+    more devices, or training longer; the step count, learning-rate schedule and data position
+    continue from `step` as counted in the new steps)."""
+    changed = [f'{k} {new[k]} (the checkpoint\'s run: {old[k]})' for k in ('batch_size', 'total_steps')
+               if k in old and old[k] != new[k]]
+    if changed and jax.process_index() == 0:
+        print(f'[{task.name}] note: resuming step {step} with {", ".join(changed)}; the learning-rate schedule '
+              f'and the data position continue from step {step} in the new steps', flush=True)
 
 
 def _final_record(workdir, total_steps: int) -> dict | None:
