@@ -194,3 +194,22 @@ def test_var_input_errors(tiny_var):
         tiny_var(np.array([0, 1]), x[:, 1:])
     with pytest.raises(ValueError, match='integer'):
         tiny_var(np.array([0.0, 1.0]), x)
+
+
+def test_bfloat16_head_returns_float32_logits_unrounded():
+    """The head matmul takes bfloat16 inputs but returns float32 (not bf16 rounded then cast):
+    guidance (1 + t) a - t b would amplify a bf16 rounding of the logits."""
+    var16 = create(TINY_VAR.replace(dtype='bfloat16'), seed=3)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, TINY_VAR.C)), jnp.float32)
+    cond = jnp.asarray(rng.normal(size=(2, TINY_VAR.C)), jnp.float32)
+    got = np.asarray(var16.head_logits(x, cond))
+    assert got.dtype == np.float32
+    h = var16.head_nm(x, cond).astype(jnp.bfloat16)
+    k, bias = var16.head.kernel[...].astype(jnp.bfloat16), var16.head.bias[...]
+    # reference: the same bf16 inputs, products and sums in float64 (bf16 * bf16 is exact in float32)
+    want = np.asarray(h, np.float64) @ np.asarray(k, np.float64) + np.asarray(bias, np.float64)
+    rounded = np.asarray(jnp.dot(h, k).astype(jnp.float32) + bias)  # the old bf16-output head
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() < 1e-5 * scale
+    assert np.abs(rounded - want).max() > 100 * np.abs(got - want).max(), 'bf16 output rounds the logits'

@@ -307,8 +307,16 @@ class VAR(nnx.Module):
         return scan_fn(self.blocks, x, cache, dprs, keys)
 
     def head_logits(self, x, cond):
-        h = self.head_nm(x, cond).astype(to_jnp_dtype(self.config.dtype))
-        return constrain(self.head(h).astype(F32), ('batch', None, 'vocab'))
+        """(B, l, C) residual stream -> (B, l, V) float32 logits.
+
+        The matmul takes `config.dtype` inputs but accumulates *and returns* float32: a bfloat16
+        output would round every logit to 8 significant bits before the cast (the official fp16
+        autocast keeps 11), and guidance (1 + t) a - t b amplifies that rounding.
+        """
+        dtype = to_jnp_dtype(self.config.dtype)
+        h = self.head_nm(x, cond).astype(dtype)
+        logits = jnp.einsum('blc,cv->blv', h, self.head.kernel[...].astype(dtype), preferred_element_type=F32)
+        return constrain(logits + self.head.bias[...].astype(F32), ('batch', None, 'vocab'))
 
     # ------------------------------------------------------------------ teacher forcing
     def __call__(self, labels, var_input, *, train: bool = False, rng=None):
