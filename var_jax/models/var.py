@@ -130,8 +130,8 @@ def scale_bounds(patch_nums: tuple[int, ...]) -> list[tuple[int, int]]:
 # mask, nothing masked to skip; 'blockwise' and 'splash' run the 'xla' einsums there.
 ATTENTION_IMPLEMENTATIONS = ATTENTION
 # 'blockwise': consecutive scales are merged into one masked group until it holds this many query
-# tokens; then a new group starts. On CPU for d16 (B=2) 64 was fastest (docs/benchmarks.md).
-BLOCKWISE_MIN_TOKENS = 64
+# tokens; then a new group starts. 128 was fastest on CPU for d16 shapes (docs/benchmarks.md).
+BLOCKWISE_MIN_TOKENS = 128
 SPLASH_BLOCK = 128  # splash block size (q and kv); the sequence is padded to a multiple of it
 
 
