@@ -46,6 +46,18 @@ def test_filter_matches_official(top_k, top_p):
     np.testing.assert_array_equal(kept(logits, top_k, top_p), want)
 
 
+def test_top_of_the_sort_keeps_the_stable_tie_order():
+    logits = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    logits[0, [3, 9, 40, 41]] = 5.0  # tied maximum: the stable ascending sort puts 3 first, 41 last
+    logits[1, 20:30] = np.sort(logits[1])[-12]  # a tie group straddling the 24th largest
+    srt, order = sampling._sorted_top(jnp.asarray(logits), *jax.lax.top_k(jnp.asarray(logits)[:, ::-1], 24))
+    srt_ref, order_ref = sampling._sorted_full(jnp.asarray(logits))
+    np.testing.assert_array_equal(srt[:, -24:], srt_ref[:, -24:])
+    np.testing.assert_array_equal(order[:, -24:], order_ref[:, -24:])
+    assert np.asarray(order)[0, -4:].tolist() == [3, 9, 40, 41]
+    assert np.isneginf(np.asarray(srt)[:, :-24]).all()
+
+
 def test_filter_edge_cases():
     logits = np.array([[1.0, 3.0, 3.0, 2.0, -5.0]], np.float32)
     assert kept(logits, 1, 0.0).tolist() == [[False, True, True, False, False]], 'top-k keeps ties'
@@ -142,9 +154,57 @@ PINNED = {
 }
 
 
+@pytest.fixture
+def small_capacity(monkeypatch):
+    """filter_logits' top_k path with the tiny vocabulary (64): capacity 24 < V. The capacity is
+    read while tracing, so jit caches are cleared before and after."""
+    jax.clear_caches()
+    monkeypatch.setattr(sampling, 'TOP_K_CAPACITY', 24)
+    yield 24
+    jax.clear_caches()
+
+
 @pytest.mark.parametrize('setting', sorted(PINNED))
 def test_pinned_tokens(tiny_var, tiny_vqvae, setting):
     cfg, top_k, top_p, more_smooth = setting
     _, idx = sampling.sample(tiny_var, tiny_vqvae, np.array([3, 7]), jax.random.key(11), cfg=cfg, top_k=top_k,
                              top_p=top_p, more_smooth=more_smooth)
     assert np.concatenate([np.asarray(i) for i in idx], 1).tolist() == PINNED[setting]
+
+
+@pytest.mark.parametrize('setting', [(1.5, 20, 0.8, False), (1.5, 5, 0.9, True)])
+def test_pinned_tokens_through_the_top_k_path(tiny_var, tiny_vqvae, setting, small_capacity):
+    """top_k <= capacity: lax.top_k instead of the full sort, the same tokens."""
+    test_pinned_tokens(tiny_var, tiny_vqvae, setting)
+
+
+@pytest.mark.parametrize('top_k,top_p', [(1, 0.0), (5, 0.0), (7, 0.9), (24, 0.5), (25, 0.5), (0, 0.96), (64, 0.3)])
+def test_top_k_path_equals_the_full_sort(top_k, top_p, small_capacity):
+    """Bit-identical filtered logits, and the same tokens at every kept position, with or without
+    the full sort (top_k above the capacity, 0, or ties past it fall back to the sort)."""
+    rng = np.random.default_rng(top_k)
+    logits = rng.normal(size=(3, 5, 64)).astype(np.float32) * 2
+    logits[0, 0, :30] = logits[0, 0, 0]  # a tie group larger than the capacity
+    logits[1, 0, 10:14] = logits[1, 0].max()  # ties at the top
+    srt, order = filter_logits(jnp.asarray(logits), top_k, top_p)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sampling, 'TOP_K_CAPACITY', 4096)
+        srt_ref, order_ref = filter_logits(jnp.asarray(logits), top_k, top_p)
+    np.testing.assert_array_equal(srt, srt_ref)
+    finite = np.isfinite(np.asarray(srt_ref))
+    np.testing.assert_array_equal(np.asarray(order)[finite], np.asarray(order_ref)[finite])
+    assert (np.sort(np.asarray(order), -1) == np.arange(64)).all(), 'order stays a permutation'
+    want = np.isfinite(official_filter(logits, min(top_k, 64), top_p))
+    np.testing.assert_array_equal(kept(logits, top_k, top_p), want)
+
+
+def test_top_of_the_sort_keeps_the_stable_tie_order():
+    logits = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    logits[0, [3, 9, 40, 41]] = 5.0  # tied maximum: the stable ascending sort puts 3 first, 41 last
+    logits[1, 20:30] = np.sort(logits[1])[-12]  # a tie group straddling the 24th largest
+    srt, order = sampling._sorted_top(jnp.asarray(logits), *jax.lax.top_k(jnp.asarray(logits)[:, ::-1], 24))
+    srt_ref, order_ref = sampling._sorted_full(jnp.asarray(logits))
+    np.testing.assert_array_equal(srt[:, -24:], srt_ref[:, -24:])
+    np.testing.assert_array_equal(order[:, -24:], order_ref[:, -24:])
+    assert np.asarray(order)[0, -4:].tolist() == [3, 9, 40, 41]
+    assert np.isneginf(np.asarray(srt)[:, :-24]).all()
