@@ -2,7 +2,8 @@
 
 Sequence: [class token (+pos_start)] + teacher-forcing input of scales 1..K-1, L tokens in all,
 each position given `lvl_embed[scale] + pos_1LC[position]`. Attention is full inside a scale and
-causal across scales. Each block is AdaLN-modulated self-attention and MLP:
+causal across scales (`attend`: 'blockwise' computes only the unmasked part). Each block is
+AdaLN-modulated self-attention and MLP:
 
     g1, g2, s1, s2, b1, b2 = ada_lin(silu(c))            (shared AdaLN: ada_gss + shared(c))
     x = x + drop_path(attn(LN(x) * (1 + s1) + b1) * g1)
@@ -13,7 +14,7 @@ Attention normalises q and k (L2) and scales q by a learnt per-head exp(min(s, l
 The `depth` blocks are stacked on a leading axis and run with `nnx.scan` (one compiled block).
 
 Precision: parameters float32; matmuls in `config.dtype`; the residual stream, LayerNorm
-statistics, softmax and logits in float32. Logical sharding axes live in each parameter's
+statistics, softmax and logits in float32 (the head accumulates and returns float32). Logical sharding axes live in each parameter's
 `axes` metadata; `var_jax.sharding` maps them to a mesh.
 """
 from __future__ import annotations
