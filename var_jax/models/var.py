@@ -14,8 +14,8 @@ Attention normalises q and k (L2) and scales q by a learnt per-head exp(min(s, l
 The `depth` blocks are stacked on a leading axis and run with `nnx.scan` (one compiled block).
 
 Precision: parameters float32; matmuls in `config.dtype`; the residual stream, LayerNorm
-statistics, softmax and logits in float32 (the head accumulates and returns float32). Logical sharding axes live in each parameter's
-`axes` metadata; `var_jax.sharding` maps them to a mesh.
+statistics, softmax and logits in float32 (the head accumulates and returns float32). Logical
+sharding axes live in each parameter's `axes` metadata; `var_jax.sharding` maps them to a mesh.
 """
 from __future__ import annotations
 
@@ -245,8 +245,8 @@ def check_attention(implementation: str, *, patch_nums: tuple[int, ...] = (1, 2,
 
     Checks the teacher-forcing path (block-causal mask; output and the gradients of q, k, v) and
     the KV-cache path (the last scale against the whole prefix, no mask). The reference is 'xla'
-    in float32 on the same (dtype-rounded) inputs. Returns the max |difference| of each over the reference's max |entry|, and
-    raises AssertionError when one exceeds the dtype's tolerance. For device scripts:
+    in float32 on the same (dtype-rounded) inputs. Returns the max |difference| of each over the
+    reference's max |entry|, and raises AssertionError when one exceeds the dtype's tolerance. For device scripts:
         python -c "from var_jax.models.var import check_attention as c; print(c('cudnn'))"
     dtype defaults to bfloat16 for 'cudnn' (its only kind) and float32 otherwise.
     """
