@@ -246,7 +246,8 @@ def check_attention(implementation: str, *, patch_nums: tuple[int, ...] = (1, 2,
     Checks the teacher-forcing path (block-causal mask; output and the gradients of q, k, v) and
     the KV-cache path (the last scale against the whole prefix, no mask). The reference is 'xla'
     in float32 on the same (dtype-rounded) inputs. Returns the max |difference| of each over the
-    reference's max |entry|, and raises AssertionError when one exceeds the dtype's tolerance. For device scripts:
+    reference's max |entry|, and raises AssertionError when one exceeds the dtype's tolerance.
+    For device scripts:
         python -c "from var_jax.models.var import check_attention as c; print(c('cudnn'))"
     dtype defaults to bfloat16 for 'cudnn' (its only kind) and float32 otherwise.
     """
