@@ -61,3 +61,16 @@ def test_bad_arguments_are_one_line(argv, match, capsys, monkeypatch):
     assert bench.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: ') and match in err and '\n' not in err
+
+
+def test_train_step_attention_against_xla(capsys):
+    """--attention sets the timed step's model.attention; --baseline xla_attention times 'xla' beside it."""
+    rc = bench.main(['train', '--config', str(REPO / 'configs' / 'tiny.py') + ':ci', '--batch', '2', '--warmup', '1',
+                     '--repeats', '1', '--attention', 'blockwise', '--baseline', 'xla_attention'])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert 'baseline (xla_attention) ms' in out
+    (row,) = _table(out)
+    assert float(row[1]) > 0 and float(row[3]) > 0 and re.fullmatch(r'\d+\.\d\dx', row[4])
+    assert bench.main(['train', '--config', str(REPO / 'configs' / 'tokenizer_tiny.py'), '--attention', 'jax']) == 2
+    assert 'a tokenizer config has none' in capsys.readouterr().err

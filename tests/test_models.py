@@ -13,7 +13,8 @@ from var_jax.models import (PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConf
                             var_config, vqvae_config)
 from var_jax.models.quantizer import phi_table
 from var_jax.models.resize import area_matrix, bicubic_matrix, resize
-from var_jax.models.var import block_causal_mask, scale_bounds
+from var_jax.models import var as var_module
+from var_jax.models.var import attention_groups, block_causal_mask, check_attention, scale_bounds
 
 from conftest import TINY_PNS, TINY_VAR, TINY_VQ
 
@@ -194,3 +195,77 @@ def test_var_input_errors(tiny_var):
         tiny_var(np.array([0, 1]), x[:, 1:])
     with pytest.raises(ValueError, match='integer'):
         tiny_var(np.array([0.0, 1.0]), x)
+
+
+def test_bfloat16_head_returns_float32_logits_unrounded():
+    """The head matmul takes bfloat16 inputs but returns float32 (not bf16 rounded then cast):
+    guidance (1 + t) a - t b would amplify a bf16 rounding of the logits."""
+    var16 = create(TINY_VAR.replace(dtype='bfloat16'), seed=3)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 5, TINY_VAR.C)), jnp.float32)
+    cond = jnp.asarray(rng.normal(size=(2, TINY_VAR.C)), jnp.float32)
+    got = np.asarray(var16.head_logits(x, cond))
+    assert got.dtype == np.float32
+    h = var16.head_nm(x, cond).astype(jnp.bfloat16)
+    k, bias = var16.head.kernel[...].astype(jnp.bfloat16), var16.head.bias[...]
+    # reference: the same bf16 inputs, products and sums in float64 (bf16 * bf16 is exact in float32)
+    want = np.asarray(h, np.float64) @ np.asarray(k, np.float64) + np.asarray(bias, np.float64)
+    rounded = np.asarray(jnp.dot(h, k).astype(jnp.float32) + bias)  # the old bf16-output head
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() < 1e-5 * scale
+    assert np.abs(rounded - want).max() > 100 * np.abs(got - want).max(), 'bf16 output rounds the logits'
+
+
+# ---------------------------------------------------------------------------- attention implementations
+def test_attention_groups_cover_the_queries_once():
+    for pns in (PATCH_NUMS_256, PATCH_NUMS_512, TINY_PNS):
+        bounds = scale_bounds(pns)
+        for min_tokens in (1, 4, 64, 128, 10_000):
+            groups = attention_groups(pns, min_tokens)
+            assert [g[0] for g in groups] == [0] + [g[1] for g in groups[:-1]] and groups[-1][1] == bounds[-1][1]
+            ends = {e for _, e in bounds}
+            assert all(e in ends for _, e, _ in groups), 'groups are whole scales'
+            for b, e, masked in groups:
+                assert masked == ((b, e) not in bounds), 'a one-scale group needs no mask'
+    assert attention_groups(PATCH_NUMS_256, 64) == (
+        (0, 91, True), (91, 155, False), (155, 255, False), (255, 424, False), (424, 680, False))
+
+
+# splash runs in Pallas' interpreter here (the TPU kernel's own code, on the CPU)
+@pytest.mark.parametrize('impl', ['xla', 'jax', 'blockwise', 'splash'])
+def test_attention_implementations_equal_xla(impl):
+    errors = check_attention(impl, patch_nums=(1, 2, 3, 4, 6, 8, 10), batch=1, heads=2, interpret=impl == 'splash')
+    assert set(errors) == {'output', 'grad_q', 'grad_k', 'grad_v', 'cached_output'}
+
+
+def test_attention_on_the_wrong_platform_is_a_one_line_error():
+    for impl, where in (('cudnn', 'GPU'), ('splash', 'TPU')):
+        with pytest.raises(ValueError, match=f'runs on {where} only') as e:
+            check_attention(impl, patch_nums=(1, 2), heads=1)
+        assert '\n' not in str(e.value)
+    with pytest.raises(ValueError, match="'bfloat16' or 'float16'"):
+        VARConfig(attention='cudnn')
+    VARConfig(attention='cudnn', dtype='bfloat16')  # valid anywhere; fails only when run off a GPU
+
+
+@pytest.mark.parametrize('impl', ['jax', 'blockwise'])
+def test_var_logits_and_gradients_equal_xla(tiny_var, impl, monkeypatch):
+    """The whole model with another attention: same logits and parameter gradients as 'xla'.
+    Groups of >= 4 tokens make the tiny model's 'blockwise' run a masked group and two unmasked."""
+    from var_jax.checkpoint import merge_params
+
+    monkeypatch.setattr(var_module, 'BLOCKWISE_MIN_TOKENS', 4)
+    assert len(attention_groups(TINY_PNS, 4)) == 3
+    other = merge_params(TINY_VAR.replace(attention=impl), nnx.state(tiny_var, nnx.Param))
+    x = np.random.default_rng(0).normal(size=(2, TINY_VAR.L - 1, TINY_VAR.cvae)).astype(np.float32)
+    labels = np.array([1, 2])
+
+    def logits_and_grads(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+        f = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(labels, x)))
+        return model(labels, x), jax.grad(f)(params)
+
+    (a, ga), (b, gb) = logits_and_grads(tiny_var), logits_and_grads(other)
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    for u, w in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(w, u, rtol=1e-4, atol=1e-6)

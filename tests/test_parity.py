@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from var_jax import sampling
+from var_jax.checkpoint import merge_params
 from var_jax.models.var import scale_bounds
 
 CFGS = (0.0, 1.5, 4.0)
@@ -46,6 +47,16 @@ def test_teacher_forced_logits(official):
     _close(lse, e['logits_logsumexp'], official.atol['logits_logsumexp'], 'logsumexp')
     sure = e['logits_margin'] > 10 * official.atol['logits']  # argmax is only defined away from ties
     np.testing.assert_array_equal(logits.argmax(-1)[sure], e['logits_argmax'][sure])
+
+
+@pytest.mark.parametrize('attention', ['jax', 'blockwise'])
+def test_teacher_forced_logits_every_attention(official, attention):
+    """The CPU-capable attention implementations other than the default 'xla' (tested above) on
+    the same weights and inputs ('cudnn' and 'splash': `models.var.check_attention` on a device)."""
+    e, var = official.expected, official.var
+    other = merge_params(var.config.replace(attention=attention), nnx.state(var, nnx.Param))
+    logits = np.asarray(other(e['labels'], e['var_input']))
+    _close(logits, e['logits'], official.atol['logits'], f'logits with attention={attention!r}')
 
 
 @pytest.mark.parametrize('cfg', CFGS)

@@ -46,6 +46,18 @@ def test_filter_matches_official(top_k, top_p):
     np.testing.assert_array_equal(kept(logits, top_k, top_p), want)
 
 
+def test_top_of_the_sort_keeps_the_stable_tie_order():
+    logits = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    logits[0, [3, 9, 40, 41]] = 5.0  # tied maximum: the stable ascending sort puts 3 first, 41 last
+    logits[1, 20:30] = np.sort(logits[1])[-12]  # a tie group straddling the 24th largest
+    srt, order = sampling._sorted_top(jnp.asarray(logits), *jax.lax.top_k(jnp.asarray(logits)[:, ::-1], 24))
+    srt_ref, order_ref = sampling._sorted_full(jnp.asarray(logits))
+    np.testing.assert_array_equal(srt[:, -24:], srt_ref[:, -24:])
+    np.testing.assert_array_equal(order[:, -24:], order_ref[:, -24:])
+    assert np.asarray(order)[0, -4:].tolist() == [3, 9, 40, 41]
+    assert np.isneginf(np.asarray(srt)[:, :-24]).all()
+
+
 def test_filter_edge_cases():
     logits = np.array([[1.0, 3.0, 3.0, 2.0, -5.0]], np.float32)
     assert kept(logits, 1, 0.0).tolist() == [[False, True, True, False, False]], 'top-k keeps ties'
@@ -114,3 +126,85 @@ def test_bad_sampling_arguments(tiny_var, tiny_vqvae, kw, match):
     labels = np.asarray(args.pop('labels'), np.int32)
     with pytest.raises(ValueError, match=match):
         sampling.sample(tiny_var, tiny_vqvae, labels, jax.random.key(0), **args)
+
+
+# Exact tokens of the tiny model (seed 1; tokenizer seed 0) for labels [3, 7] and key(11), recorded
+# with the sampler before its filtering was reworked: any change to what is drawn shows up here.
+PINNED = {
+    (1.5, 20, 0.8, False): [
+        [60, 15, 55, 55, 55, 39, 14, 23, 38, 11, 47, 5, 26, 12, 5, 18, 37, 49, 25, 9, 55, 18, 59, 23, 60, 47, 5, 19,
+         39, 30],
+        [7, 46, 6, 4, 47, 47, 37, 28, 5, 47, 19, 0, 34, 59, 60, 5, 37, 43, 5, 26, 6, 52, 25, 36, 29, 39, 19, 29, 37,
+         58]],
+    (0.0, 0, 0.96, False): [
+        [29, 49, 36, 1, 58, 7, 29, 60, 60, 50, 40, 42, 17, 42, 35, 22, 37, 49, 52, 14, 19, 51, 18, 23, 30, 54, 55,
+         19, 26, 17],
+        [7, 14, 9, 4, 33, 8, 37, 16, 42, 29, 57, 46, 34, 59, 60, 50, 15, 12, 8, 26, 6, 32, 25, 36, 37, 30, 9, 22, 32,
+         29]],
+    (3.0, 900, 0.0, False): [
+        [29, 12, 36, 1, 58, 63, 9, 60, 60, 50, 40, 42, 17, 42, 57, 38, 37, 49, 62, 41, 8, 51, 60, 55, 50, 20, 61, 9,
+         20, 33],
+        [7, 60, 37, 4, 33, 0, 37, 32, 42, 30, 44, 42, 34, 59, 60, 50, 59, 52, 8, 18, 6, 7, 25, 36, 61, 20, 18, 44, 32,
+         5]],
+    (1.5, 5, 0.9, True): [
+        [60, 8, 55, 55, 55, 28, 17, 28, 45, 11, 49, 28, 47, 12, 5, 18, 37, 18, 26, 46, 58, 18, 19, 18, 36, 18, 23,
+         18, 18, 35],
+        [7, 25, 55, 46, 5, 28, 13, 19, 45, 47, 43, 47, 47, 11, 60, 11, 37, 36, 26, 26, 49, 18, 19, 36, 0, 19, 46, 36,
+         36, 36]],
+}
+
+
+@pytest.fixture
+def small_capacity(monkeypatch):
+    """filter_logits' top_k path with the tiny vocabulary (64): capacity 24 < V. The capacity is
+    read while tracing, so jit caches are cleared before and after."""
+    jax.clear_caches()
+    monkeypatch.setattr(sampling, 'TOP_K_CAPACITY', 24)
+    yield 24
+    jax.clear_caches()
+
+
+@pytest.mark.parametrize('setting', sorted(PINNED))
+def test_pinned_tokens(tiny_var, tiny_vqvae, setting):
+    cfg, top_k, top_p, more_smooth = setting
+    _, idx = sampling.sample(tiny_var, tiny_vqvae, np.array([3, 7]), jax.random.key(11), cfg=cfg, top_k=top_k,
+                             top_p=top_p, more_smooth=more_smooth)
+    assert np.concatenate([np.asarray(i) for i in idx], 1).tolist() == PINNED[setting]
+
+
+@pytest.mark.parametrize('setting', [(1.5, 20, 0.8, False), (1.5, 5, 0.9, True)])
+def test_pinned_tokens_through_the_top_k_path(tiny_var, tiny_vqvae, setting, small_capacity):
+    """top_k <= capacity: lax.top_k instead of the full sort, the same tokens."""
+    test_pinned_tokens(tiny_var, tiny_vqvae, setting)
+
+
+@pytest.mark.parametrize('top_k,top_p', [(1, 0.0), (5, 0.0), (7, 0.9), (24, 0.5), (25, 0.5), (0, 0.96), (64, 0.3)])
+def test_top_k_path_equals_the_full_sort(top_k, top_p, small_capacity):
+    """Bit-identical filtered logits, and the same tokens at every kept position, with or without
+    the full sort (top_k above the capacity, 0, or ties past it fall back to the sort)."""
+    rng = np.random.default_rng(top_k)
+    logits = rng.normal(size=(3, 5, 64)).astype(np.float32) * 2
+    logits[0, 0, :30] = logits[0, 0, 0]  # a tie group larger than the capacity
+    logits[1, 0, 10:14] = logits[1, 0].max()  # ties at the top
+    srt, order = filter_logits(jnp.asarray(logits), top_k, top_p)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sampling, 'TOP_K_CAPACITY', 4096)
+        srt_ref, order_ref = filter_logits(jnp.asarray(logits), top_k, top_p)
+    np.testing.assert_array_equal(srt, srt_ref)
+    finite = np.isfinite(np.asarray(srt_ref))
+    np.testing.assert_array_equal(np.asarray(order)[finite], np.asarray(order_ref)[finite])
+    assert (np.sort(np.asarray(order), -1) == np.arange(64)).all(), 'order stays a permutation'
+    want = np.isfinite(official_filter(logits, min(top_k, 64), top_p))
+    np.testing.assert_array_equal(kept(logits, top_k, top_p), want)
+
+
+def test_top_of_the_sort_keeps_the_stable_tie_order():
+    logits = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    logits[0, [3, 9, 40, 41]] = 5.0  # tied maximum: the stable ascending sort puts 3 first, 41 last
+    logits[1, 20:30] = np.sort(logits[1])[-12]  # a tie group straddling the 24th largest
+    srt, order = sampling._sorted_top(jnp.asarray(logits), *jax.lax.top_k(jnp.asarray(logits)[:, ::-1], 24))
+    srt_ref, order_ref = sampling._sorted_full(jnp.asarray(logits))
+    np.testing.assert_array_equal(srt[:, -24:], srt_ref[:, -24:])
+    np.testing.assert_array_equal(order[:, -24:], order_ref[:, -24:])
+    assert np.asarray(order)[0, -4:].tolist() == [3, 9, 40, 41]
+    assert np.isneginf(np.asarray(srt)[:, :-24]).all()

@@ -3,6 +3,7 @@
     python -m var_jax.bench sample --model d16 [--batch 1,16,64] [--cfg 1.5 --top_k 900 --top_p 0.96]
     python -m var_jax.bench sample --checkpoint DIR [--repeats 5] [--dtype bfloat16]
     python -m var_jax.bench train --config configs/tiny.py [--batch 16,32] [--baseline autodiff_norm]
+    python -m var_jax.bench train --config configs/d16.py --batch 2 --attention blockwise --baseline xla_attention
     python -m var_jax.bench train --config configs/tokenizer_tiny.py [--batch 16]
 
 `sample` times class-conditional sampling on one device, as images per second for each batch
@@ -43,6 +44,7 @@ from flax import nnx
 
 from var_jax import cli, config_lib, sampling
 from var_jax.models import VARConfig, VQVAEConfig, create, var_config, vqvae_config
+from var_jax.models.config import ATTENTION
 from var_jax.sample import Parser, check_settings
 
 TINY = (VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4)),
@@ -200,16 +202,23 @@ def bench_train(args) -> int:
         raise ValueError('--warmup and --repeats must be >= 1')
     config = load_config(args.config)
     tokenizer = is_tokenizer_config(config)
+    if args.attention and not tokenizer:
+        config.model.attention = args.attention
     config_lib.check(config, 'tokenizer' if tokenizer else 'var')
-    if tokenizer and args.baseline:
-        raise ValueError('--baseline autodiff_norm times the VAR LayerNorm; a tokenizer config has none')
+    if tokenizer and (args.baseline or args.attention):
+        raise ValueError('--baseline and --attention change the VAR step; a tokenizer config has none')
     variants = ('step', 'baseline') if args.baseline else ('step',)
     rows, what = [], ''
     for b in batches:
         progs, states = {}, {}
         for v in variants:
             print(f'batch {b}: compiling the {v} ...', file=sys.stderr, flush=True)
-            progs[v], states[v], data, frozen, what = _train_step_program(config, b, v == 'baseline')
+            c = config
+            if v == 'baseline' and args.baseline == 'xla_attention':  # the same step with the default attention
+                c = config.copy_and_resolve_references()
+                c.model.attention = 'xla'
+            progs[v], states[v], data, frozen, what = _train_step_program(
+                c, b, v == 'baseline' and args.baseline == 'autodiff_norm')
         times = {v: [] for v in variants}
         for i in range(args.warmup + args.repeats):  # interleaved: machine load hits every variant alike
             for v in variants:
@@ -224,7 +233,7 @@ def bench_train(args) -> int:
     print(f'# train: {args.config}: {what}')
     print(f'# device: {kind} (1 of {jax.device_count()}); median of {args.repeats} steps after {args.warmup} warm-up')
     if args.baseline:
-        print('| batch | step ms | img/s | baseline (autodiff norm) ms | speed-up |')
+        print(f'| batch | step ms | img/s | baseline ({args.baseline}) ms | speed-up |')
         print('|---:|---:|---:|---:|---:|')
         for b, t in rows:
             print(f'| {b} | {_num(t["step"] * 1e3)} | {_num(b / t["step"])} | {_num(t["baseline"] * 1e3)} | '
@@ -277,8 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--config', required=True, help='training config file, optionally with :arg '
                                                    '(e.g. configs/tiny.py, configs/tokenizer_tiny.py)')
     t.add_argument('--batch', default='16,32', help='comma-separated batch sizes (default 16,32)')
-    t.add_argument('--baseline', choices=('autodiff_norm',),
-                   help='also time the step with JAX\'s autodiff LayerNorm backward and report the ratio')
+    t.add_argument('--baseline', choices=('autodiff_norm', 'xla_attention'),
+                   help='also time the step with JAX\'s autodiff LayerNorm backward (autodiff_norm) or with '
+                        'model.attention=\'xla\' (xla_attention) and report the ratio')
+    t.add_argument('--attention', choices=ATTENTION, help='VAR configs: set model.attention for the timed step')
     t.add_argument('--warmup', type=int, default=3, help='untimed steps first (default 3)')
     t.add_argument('--repeats', type=int, default=20, help='timed steps; the median is reported (default 20)')
     t.set_defaults(run=bench_train)

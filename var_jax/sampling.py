@@ -25,6 +25,36 @@ F32 = jnp.float32
 
 
 # ---------------------------------------------------------------------------- token filtering
+# XLA's CPU sort is slow (a comparator loop): sorting the 680 x 4096 logits of one d16 image took
+# several seconds, a large part of the whole sampler (docs/benchmarks.md). top-k only needs the
+# largest k, which lax.top_k finds much faster, but k is traced (changing it must not recompile)
+# while lax.top_k needs a static count: it takes the TOP_K_CAPACITY largest, and the exact full
+# sort runs instead (lax.cond, one branch executed) when top_k is off or above the capacity, or ties
+# at the k-th value keep more than that. Both branches give the same arrays, bit for bit.
+TOP_K_CAPACITY = 1024  # covers the official top_k = 900
+
+
+def _sorted_full(logits):
+    """(stable ascending sort of the logits, the permutation)."""
+    order = jnp.broadcast_to(jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape)
+    return jax.lax.sort_key_val(logits, order, dimension=-1)
+
+
+def _sorted_top(logits, vals, ridx):
+    """The top positions of `_sorted_full` from `lax.top_k(logits[..., ::-1], cap)` = (vals, ridx),
+    -inf below them (where the order is any permutation of the remaining tokens). top_k breaks
+    ties by the lower index first; on the reversed vector that is the higher original index first,
+    which read backwards is the stable ascending order."""
+    v, cap = logits.shape[-1], vals.shape[-1]
+    top_order = (v - 1 - ridx)[..., ::-1].astype(jnp.int32)
+    rows = top_order.reshape(-1, cap)
+    in_top = jax.vmap(lambda o: jnp.zeros(v, bool).at[o].set(True))(rows)
+    rest = jax.vmap(lambda m: jnp.nonzero(~m, size=v - cap)[0].astype(jnp.int32))(in_top)
+    order = jnp.concatenate([rest, rows], -1).reshape(logits.shape)
+    srt = jnp.concatenate([jnp.full(logits.shape[:-1] + (v - cap,), -jnp.inf, F32), vals[..., ::-1]], -1)
+    return srt, order
+
+
 def filter_logits(logits: jax.Array, top_k, top_p) -> tuple[jax.Array, jax.Array]:
     """Official `sample_with_top_k_top_p_` as a mask, for logits (..., V).
 
@@ -32,11 +62,23 @@ def filter_logits(logits: jax.Array, top_k, top_p) -> tuple[jax.Array, jax.Array
     and removes where the cumulative probability is <= 1 - top_p, always keeping the maximum.
     `top_k <= 0` / `top_p <= 0` switch a filter off. Both may be traced.
     Returns (logits sorted ascending with removed entries at -inf, the sort permutation).
+    Only the order of removed entries may differ from a full sort's (see TOP_K_CAPACITY).
     """
     v = logits.shape[-1]
-    order = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), logits.shape)
-    srt, order = jax.lax.sort_key_val(logits.astype(F32), order, dimension=-1)
+    logits = logits.astype(F32)
     k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+    cap = min(TOP_K_CAPACITY, v)
+
+    def sort_top():
+        vals, ridx = jax.lax.top_k(logits[..., ::-1], cap)  # descending values
+        kth = jnp.take_along_axis(vals, jnp.broadcast_to(k - 1, vals.shape[:-1] + (1,)), -1)
+        fits = jnp.all(jnp.sum(logits >= kth, -1) <= cap)  # the k-th largest's whole tie group is in the top
+        return jax.lax.cond(fits, lambda: _sorted_top(logits, vals, ridx), lambda: _sorted_full(logits))
+
+    if 0 < cap < v:  # (TOP_K_CAPACITY = 0: always the full sort, as before it existed)
+        srt, order = jax.lax.cond(k <= cap, sort_top, lambda: _sorted_full(logits))
+    else:
+        srt, order = _sorted_full(logits)
     kth_largest = jnp.take_along_axis(srt, jnp.broadcast_to(v - k, srt.shape[:-1] + (1,)).astype(jnp.int32), -1)
     srt = jnp.where(srt < kth_largest, -jnp.inf, srt)
     cum = jnp.cumsum(jax.nn.softmax(srt, axis=-1), axis=-1)
@@ -52,8 +94,16 @@ def sample_tokens(key, logits, top_k, top_p, more_smooth: bool = False, ratio: f
     Returns (tokens (l,) int32, code vectors (l, C) or None). With `more_smooth` the code
     vectors are the official Gumbel-softmax blend over the filtered logits (visual smoothing only).
     """
-    k_tok, k_gumbel = jax.random.split(key)
     srt, order = filter_logits(logits, top_k, top_p)
+    return draw_tokens(key, srt, order, more_smooth, ratio, codebook)
+
+
+def draw_tokens(key, srt, order, more_smooth: bool = False, ratio: float = 0.0, codebook=None):
+    """`sample_tokens` after the filtering: one row's (srt, order) from `filter_logits`.
+
+    The sampler filters all rows in one call (outside its vmap over rows, where lax.cond would
+    become a select running both branches) and draws per row here."""
+    k_tok, k_gumbel = jax.random.split(key)
     pick = jax.random.categorical(k_tok, srt, axis=-1)
     tokens = jnp.take_along_axis(order, pick[..., None], -1)[..., 0]
     if not more_smooth:
@@ -93,8 +143,9 @@ def _generate(var: VAR, vqvae: VQVAE, labels, keys, cfg, top_k, top_p, more_smoo
             t = cfg * ratio
             logits = (1 + t) * logits[:b] - t * logits[b:]
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, si))(keys)
-        idx, soft = jax.vmap(lambda k, lg: sample_tokens(k, lg, top_k, top_p, more_smooth, ratio, codebook))(
-            step_keys, logits)
+        srt, order = filter_logits(logits, top_k, top_p)  # all rows at once: see draw_tokens
+        idx, soft = jax.vmap(lambda k, s, o: draw_tokens(k, s, o, more_smooth, ratio, codebook))(
+            step_keys, srt, order)
         if teacher is not None:  # editing: keep the given tokens where the mask is 0
             forced, free = teacher[0][si], teacher[1][si]
             idx = jnp.where(free, idx, forced)

@@ -16,6 +16,8 @@ PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # L = 680
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # L = 2240
 PATCH_NUMS = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}
 
+ATTENTION = ('xla', 'jax', 'blockwise', 'cudnn', 'splash')  # models.var.attend
+
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -132,7 +134,11 @@ class VARConfig(_Config):
     init_head: float = 0.02
     init_std: float = -1.0  # < 0: sqrt(1 / (3 C))
     dtype: str = 'float32'  # compute dtype; softmax, norms, logits and CE stay float32
-    attention: str = 'xla'  # 'xla': einsum softmax; 'jax': jax.nn.dot_product_attention (cuDNN on GPU)
+    # 'xla': einsum softmax over the full (L, L) mask; 'jax': jax.nn.dot_product_attention, full mask;
+    # 'blockwise': per group of scales against its key prefix only (skips the masked logits);
+    # 'cudnn': cuDNN fused attention (GPU, bf16/fp16); 'splash': Pallas splash attention (TPU).
+    # All give the same result (models.var.attend; check_attention compares one with 'xla').
+    attention: str = 'xla'
     remat: str = 'none'  # 'none' | 'block' (recompute each block in the backward pass) | 'dots'
     scan_layers: bool = True  # False: unroll the layer loop (faster for shallow models, slower to compile)
 
@@ -147,8 +153,11 @@ class VARConfig(_Config):
             raise ValueError(f'VARConfig: width {self.C} is not divisible by num_heads {self.H}')
         if not 0.0 <= self.cond_drop_rate < 1.0:
             raise ValueError(f'VARConfig.cond_drop_rate must be in [0, 1), got {self.cond_drop_rate}')
-        if self.attention not in ('xla', 'jax'):
-            raise ValueError(f"VARConfig.attention must be 'xla' or 'jax', got {self.attention!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f'VARConfig.attention must be one of {ATTENTION}, got {self.attention!r}')
+        if self.attention == 'cudnn' and self.dtype == 'float32':
+            raise ValueError("VARConfig.attention='cudnn' needs dtype 'bfloat16' or 'float16' (cuDNN fused "
+                             "attention has no float32 kernel)")
         if self.remat not in ('none', 'block', 'dots'):
             raise ValueError(f"VARConfig.remat must be 'none', 'block' or 'dots', got {self.remat!r}")
         to_jnp_dtype(self.dtype)

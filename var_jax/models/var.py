@@ -2,7 +2,8 @@
 
 Sequence: [class token (+pos_start)] + teacher-forcing input of scales 1..K-1, L tokens in all,
 each position given `lvl_embed[scale] + pos_1LC[position]`. Attention is full inside a scale and
-causal across scales. Each block is AdaLN-modulated self-attention and MLP:
+causal across scales (`attend`: 'blockwise' computes only the unmasked part). Each block is
+AdaLN-modulated self-attention and MLP:
 
     g1, g2, s1, s2, b1, b2 = ada_lin(silu(c))            (shared AdaLN: ada_gss + shared(c))
     x = x + drop_path(attn(LN(x) * (1 + s1) + b1) * g1)
@@ -13,8 +14,8 @@ Attention normalises q and k (L2) and scales q by a learnt per-head exp(min(s, l
 The `depth` blocks are stacked on a leading axis and run with `nnx.scan` (one compiled block).
 
 Precision: parameters float32; matmuls in `config.dtype`; the residual stream, LayerNorm
-statistics, softmax and logits in float32. Logical sharding axes live in each parameter's
-`axes` metadata; `var_jax.sharding` maps them to a mesh.
+statistics, softmax and logits in float32 (the head accumulates and returns float32). Logical
+sharding axes live in each parameter's `axes` metadata; `var_jax.sharding` maps them to a mesh.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax.models.config import VARConfig, to_jnp_dtype
+from var_jax.models.config import ATTENTION, VARConfig, to_jnp_dtype
 from var_jax.sharding import constrain
 
 F32 = jnp.float32
@@ -116,19 +117,173 @@ def scale_bounds(patch_nums: tuple[int, ...]) -> list[tuple[int, int]]:
     return [(e - p * p, e) for e, p in zip(ends, patch_nums)]
 
 
-def attend(q, k, v, mask, implementation: str = 'xla'):
-    """softmax(q k^T + mask) v for q (B, Lq, H, D), k/v (B, Lk, H, D); mask (Lq, Lk) bool or None.
+# ---------------------------------------------------------------------------- attention
+# Block-causal attention: a query of scale i attends the keys of scales <= i, so row block i of the
+# (L, L) logits is needed only up to column end_i. Of d16's 680^2 logits 62 % are needed; the
+# masked rest is computed and thrown away by 'xla' and 'jax'. `VARConfig.attention` picks:
+#   'xla'        einsum logits (B, H, L, L), -inf where masked, float32 softmax, einsum with v
+#   'jax'        jax.nn.dot_product_attention with the full mask (XLA's implementation)
+#   'blockwise'  'xla' per group of scales against only its key prefix (`attention_groups`)
+#   'cudnn'      jax.nn.dot_product_attention(implementation='cudnn'), GPU, bf16/fp16 only
+#   'splash'     Pallas splash attention (TPU), sequence padded to SPLASH_BLOCK, a block mask
+#                from the scale ids: wholly masked (q, k) blocks are skipped by the kernel
+# With the KV cache (sampling) the queries are one whole scale against the cached prefix: no
+# mask, nothing masked to skip; 'blockwise' and 'splash' run the 'xla' einsums there.
+ATTENTION_IMPLEMENTATIONS = ATTENTION
+# 'blockwise': consecutive scales are merged into one masked group until it holds this many query
+# tokens; then a new group starts. 128 was fastest on CPU for d16 shapes (docs/benchmarks.md).
+BLOCKWISE_MIN_TOKENS = 128
+SPLASH_BLOCK = 128  # splash block size (q and kv); the sequence is padded to a multiple of it
 
-    q must already carry its scale. Logits and softmax in float32.
+
+@functools.lru_cache(maxsize=None)
+def attention_groups(patch_nums: tuple[int, ...], min_tokens: int) -> tuple[tuple[int, int, bool], ...]:
+    """Query groups of 'blockwise' attention: ((begin, end, masked), ...).
+
+    Queries [begin, end) attend keys [0, end): exactly their prefix when the group is one scale
+    (`masked` False: no mask at all), and the group's own block-causal mask when it merges several
+    small scales (fewer, larger einsums; the few masked logits inside cost less than more ops).
     """
-    if implementation == 'jax':
-        m = None if mask is None else jnp.broadcast_to(mask, (q.shape[0], q.shape[2]) + mask.shape)
-        return jax.nn.dot_product_attention(q, k, v, mask=m, scale=1.0)
+    bounds, groups, first = scale_bounds(patch_nums), [], 0
+    for si, (_, end) in enumerate(bounds):
+        begin = bounds[first][0]
+        if end - begin >= min_tokens or si == len(bounds) - 1:
+            groups.append((begin, end, si > first))
+            first = si + 1
+    return tuple(groups)
+
+
+def _require_backend(implementation: str, backend: str) -> None:
+    if jax.default_backend() != backend:
+        raise ValueError(f"attention={implementation!r} runs on {backend.upper()} only, this is "
+                         f"{jax.default_backend().upper()}: use attention='xla' or 'blockwise'")
+
+
+def _softmax_attend(q, k, v, mask):
     logits = jnp.einsum('bqhd,bkhd->bhqk', q, k, preferred_element_type=F32)
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum('bhqk,bkhd->bqhd', probs, v)
+
+
+def _blockwise_attend(q, k, v, patch_nums):
+    mask = block_causal_mask(patch_nums)
+    outs = [_softmax_attend(q[:, b:e], k[:, :e], v[:, :e], jnp.asarray(mask[b:e, :e]) if masked else None)
+            for b, e, masked in attention_groups(patch_nums, BLOCKWISE_MIN_TOKENS)]
+    return jnp.concatenate(outs, axis=1)
+
+
+def _cudnn_attend(q, k, v, mask):
+    _require_backend('cudnn', 'gpu')
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention='cudnn' needs dtype bfloat16 or float16, got {q.dtype}")
+    m = None if mask is None else jnp.asarray(mask)[None, None]  # (1, 1, Lq, Lk): cuDNN turns it into a bias
+    return jax.nn.dot_product_attention(q, k, v, mask=m, scale=1.0, implementation='cudnn')
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(patch_nums: tuple[int, ...], heads: int, interpret: bool):
+    """-> (splash MHA kernel for the padded block-causal mask, padded length).
+
+    Padding positions get scale id K (past the last scale): real queries never see them, and the
+    padding queries see every key (no empty softmax row); their outputs are dropped."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+        splash_attention_kernel as splash, splash_attention_mask as splash_mask)
+
+    length = sum(p * p for p in patch_nums)
+    padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK
+    ids = np.concatenate([scale_ids(patch_nums), np.full(padded - length, len(patch_nums), np.int32)])
+    mask = splash_mask.MultiHeadMask([splash_mask.NumpyMask(ids[:, None] >= ids[None, :])] * heads)
+    n = SPLASH_BLOCK
+    blocks = splash.BlockSizes(block_q=n, block_kv=n, block_kv_compute=n, block_q_dkv=n, block_kv_dkv=n,
+                               block_kv_dkv_compute=n, block_q_dq=n, block_kv_dq=n)
+    return splash.make_splash_mha(mask, block_sizes=blocks, head_shards=1, q_seq_shards=1, interpret=interpret), padded
+
+
+def _splash_attend(q, k, v, patch_nums, interpret=False):
+    if not interpret:
+        _require_backend('splash', 'tpu')
+    b, length, h, _ = q.shape
+    kernel, padded = _splash_kernel(tuple(patch_nums), h, bool(interpret))
+    # (B, L, H, D) -> (B, H, L_padded, D); the kernel works on one batch row
+    q, k, v = (jnp.pad(t, ((0, 0), (0, padded - length), (0, 0), (0, 0))).transpose(0, 2, 1, 3) for t in (q, k, v))
+    out = jax.vmap(kernel)(q, k, v)
+    return out.transpose(0, 2, 1, 3)[:, :length]
+
+
+def attend(q, k, v, mask, implementation: str = 'xla', patch_nums: tuple[int, ...] | None = None,
+           interpret: bool = False):
+    """softmax(q k^T + mask) v for q (B, Lq, H, D), k/v (B, Lk, H, D); mask (Lq, Lk) bool or None.
+
+    q must already carry its scale. Logits and softmax in float32 ('xla', 'blockwise').
+    'blockwise' and 'splash' use the structure of the mask instead of the mask: with a mask it
+    must be `block_causal_mask(patch_nums)`. `interpret` runs splash in Pallas' interpreter
+    (any backend; for tests).
+    """
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f'unknown attention implementation {implementation!r}; '
+                         f'expected one of {ATTENTION_IMPLEMENTATIONS}')
+    if implementation == 'cudnn':
+        return _cudnn_attend(q, k, v, mask)
+    if implementation == 'jax':
+        m = None if mask is None else jnp.broadcast_to(mask, (q.shape[0], q.shape[2]) + mask.shape)
+        return jax.nn.dot_product_attention(q, k, v, mask=m, scale=1.0)
+    if mask is not None and implementation in ('blockwise', 'splash'):
+        if patch_nums is None or mask.shape != (sum(p * p for p in patch_nums),) * 2:
+            raise ValueError(f'attention={implementation!r} needs the block-causal mask of patch_nums')
+        if implementation == 'splash':
+            return _splash_attend(q, k, v, patch_nums, interpret)
+        return _blockwise_attend(q, k, v, patch_nums)
+    return _softmax_attend(q, k, v, mask)
+
+
+def check_attention(implementation: str, *, patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+                    batch: int = 2, heads: int = 4, head_dim: int = 64, dtype=None, seed: int = 0,
+                    interpret: bool = False) -> dict[str, float]:
+    """Compare `implementation` with 'xla' on random inputs, on the current default backend.
+
+    Checks the teacher-forcing path (block-causal mask; output and the gradients of q, k, v) and
+    the KV-cache path (the last scale against the whole prefix, no mask). The reference is 'xla'
+    in float32 on the same (dtype-rounded) inputs. Returns the max |difference| of each over the
+    reference's max |entry|, and raises AssertionError when one exceeds the dtype's tolerance.
+    For device scripts:
+        python -c "from var_jax.models.var import check_attention as c; print(c('cudnn'))"
+    dtype defaults to bfloat16 for 'cudnn' (its only kind) and float32 otherwise.
+    """
+    dtype = jnp.dtype(dtype or (jnp.bfloat16 if implementation == 'cudnn' else jnp.float32))
+    length = sum(p * p for p in patch_nums)
+    keys = jax.random.split(jax.random.key(seed), 4)
+    # l2-normalised q times a scale as in SelfAttention: logits in [-s, s]
+    q, k = (_l2_normalize(jax.random.normal(key, (batch, length, heads, head_dim))) for key in keys[:2])
+    q = q * 10.0
+    v = jax.random.normal(keys[2], (batch, length, heads, head_dim))
+    g = jax.random.normal(keys[3], (batch, length, heads, head_dim))
+    q, k, v = (t.astype(dtype) for t in (q, k, v))
+    mask = jnp.asarray(block_causal_mask(tuple(patch_nums)))
+
+    def loss(impl, cast):
+        def f(q, k, v):
+            q, k, v = (t.astype(cast) for t in (q, k, v))
+            out = attend(q, k, v, mask, impl, tuple(patch_nums), interpret)
+            return jnp.sum(out.astype(F32) * g), out.astype(F32)
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    (_, out), grads = loss(implementation, dtype)(q, k, v)
+    (_, ref), ref_grads = loss('xla', F32)(q, k, v)
+    begin = length - patch_nums[-1] ** 2  # cache path: the last scale against every key
+    cached = jax.jit(lambda q, k, v: attend(q[:, begin:], k, v, None, implementation, tuple(patch_nums),
+                                            interpret))(q, k, v).astype(F32)
+    def err(a, b):  # relative to the reference's largest entry
+        a, b = a.astype(F32), b.astype(F32)
+        return float(jnp.max(jnp.abs(a - b)) / jnp.maximum(jnp.max(jnp.abs(b)), 1e-6))
+
+    errors = {'output': err(out, ref), **{f'grad_{n}': err(a, b) for n, a, b in zip('qkv', grads, ref_grads)},
+              'cached_output': err(cached, ref[:, begin:])}
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2  # bf16 keeps 8 significant bits
+    bad = {n: e for n, e in errors.items() if not e <= tol}
+    assert not bad, f'attention={implementation!r} differs from xla by more than {tol}: {bad}'
+    return errors
 
 
 class SelfAttention(nnx.Module):
@@ -170,7 +325,7 @@ class SelfAttention(nnx.Module):
             v_all = jax.lax.dynamic_update_slice(cache[1], v, (0, start, 0, 0))
             cache = (k_all, v_all)
             k, v = k_all[:, :start + l], v_all[:, :start + l]
-        out = attend(q, k, v, mask, cfg.attention).reshape(b, l, c)
+        out = attend(q, k, v, mask, cfg.attention, cfg.patch_nums).reshape(b, l, c)
         return self.proj(out), cache
 
 
@@ -307,8 +462,16 @@ class VAR(nnx.Module):
         return scan_fn(self.blocks, x, cache, dprs, keys)
 
     def head_logits(self, x, cond):
-        h = self.head_nm(x, cond).astype(to_jnp_dtype(self.config.dtype))
-        return constrain(self.head(h).astype(F32), ('batch', None, 'vocab'))
+        """(B, l, C) residual stream -> (B, l, V) float32 logits.
+
+        The matmul takes `config.dtype` inputs but accumulates *and returns* float32: a bfloat16
+        output would round every logit to 8 significant bits before the cast (the official fp16
+        autocast keeps 11), and guidance (1 + t) a - t b amplifies that rounding.
+        """
+        dtype = to_jnp_dtype(self.config.dtype)
+        h = self.head_nm(x, cond).astype(dtype)
+        logits = jnp.einsum('blc,cv->blv', h, self.head.kernel[...].astype(dtype), preferred_element_type=F32)
+        return constrain(logits + self.head.bias[...].astype(F32), ('batch', None, 'vocab'))
 
     # ------------------------------------------------------------------ teacher forcing
     def __call__(self, labels, var_input, *, train: bool = False, rng=None):
