@@ -70,7 +70,7 @@ def test_decay_mask_is_the_official_rule(cfg):
     mask = our_mask(cfg)
     expected: dict[tuple, bool] = {}
     for name, shape in official_var_params(cfg).items():
-        path, _, _ = convert._var_entry(name, np.zeros(shape, np.float32), cfg)
+        path = convert._var_rule(name)[0]
         decay = not official_no_decay(name, shape)
         assert expected.setdefault(('var',) + path, decay) == decay, f'{name}: blocks differ'
     assert sorted(mask) == sorted(expected), 'every parameter is covered, nothing else'
