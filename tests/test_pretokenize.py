@@ -205,3 +205,18 @@ def test_cli_bad_input_one_line(tmp_path, tokenizer_dir):
         r = subprocess.run(base + extra, capture_output=True, text=True, cwd=REPO, timeout=120)
         assert r.returncode == 2 and r.stderr.strip().count('\n') == 0 and msg in r.stderr, r.stderr
     assert not (tmp_path / 'o').exists()
+
+
+@pytest.mark.slow  # two compiles of the CI model: ~1-2 min on 2 shared cores
+def test_bench_train_from_tokens(capsys):
+    from var_jax import bench  # noqa: PLC0415
+
+    rc = bench.main(['train', '--config', str(REPO / 'configs' / 'tiny.py') + ':ci', '--batch', '2',
+                     '--warmup', '1', '--repeats', '1', '--tokens'])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    (row,) = [line for line in out.splitlines() if line.startswith('| 2 ')]
+    batch, ms, img_s, tok_ms, tok_img_s, ratio = [c.strip() for c in row.strip('|').split('|')]
+    assert float(ms) > 0 and float(tok_ms) > 0 and ratio.endswith('x')
+    assert bench.main(['train', '--config', str(REPO / 'configs' / 'tokenizer_tiny.py'), '--tokens']) == 2
+    assert 'a tokenizer config trains on images' in capsys.readouterr().err
