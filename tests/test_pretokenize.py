@@ -113,6 +113,9 @@ def test_other_tokenizer_or_settings_refused(tokenizer_dir, builtin_tokens, tmp_
     checkpoint.save_model(other, vqvae=create(TOK, seed=4))
     with pytest.raises(ValueError, match='another tokenizer: fingerprint'):
         train.run(token_config(other, builtin_tokens), tmp_path / 'w')
+    with pytest.raises(ValueError, match=f'set config.tokenizer.checkpoint .* manifest names {tokenizer_dir}'):
+        train.run(token_config(tokenizer_dir, builtin_tokens, **{'tokenizer.checkpoint': ''}), tmp_path / 'w2')
+    assert not (tmp_path / 'w2').exists()
     m = tokens.read_manifest(str(builtin_tokens))
     with pytest.raises(ValueError, match=r'patch_nums \[1, 2, 4\] there, \[1, 2, 3, 4\]'):
         tokens.check_matches(m, TOK.replace(patch_nums=(1, 2, 3, 4)), None, 'DIR')

@@ -239,6 +239,12 @@ def run(config, workdir, *, dry_run: bool = False) -> dict:
     config_lib.check(config, 'var')
     distributed.maybe_initialize()  # before the tokenizer is loaded: that touches the backend
     workdir = checkpoint.abspath(workdir)
+    if not config.tokenizer.checkpoint and config.data.source == 'tokens' and not dry_run \
+            and not (workdir / TOKENIZER_DIR / checkpoint.MODEL_FILE).exists():
+        # training a new tokenizer here could never match the tokens (var_jax/data/tokens.py)
+        made_by = tokens.read_manifest(config.data.path).get('tokenizer_path', '?')
+        raise ValueError(f'data.source tokens: set config.tokenizer.checkpoint to the tokenizer that made the '
+                         f'tokens in {config.data.path} (their manifest names {made_by})')
     if not config.tokenizer.checkpoint and config.tokenizer.get('train') and not dry_run:
         from var_jax import train_tokenizer  # noqa: PLC0415
 
