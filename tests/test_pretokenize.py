@@ -1,6 +1,7 @@
 """Pre-tokenized VAR training (issue 18, item 2): `python -m var_jax.pretokenize` + data.source='tokens'.
 
-The same crops give the same tokens and the same train-step loss as the on-the-fly path; an
+The same crops give the same tokens and the same train-step loss as the on-the-fly path; VAR
+trains from tokens through `train.run`; an
 interrupted run resumes without redoing finished shards and leaves no partial file; tokens of
 another tokenizer (or other settings) are refused with one line; built-in, image-folder and TFDS
 sources. Models are the tiny 16 px tokenizer / depth-2 VAR of test_train.py.
@@ -100,8 +101,8 @@ def test_same_crops_same_tokens_and_loss(tokenizer_dir, builtin_tokens):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_train_from_tokens_and_resume(tokenizer_dir, builtin_tokens, tmp_path):
-    c = token_config(tokenizer_dir, builtin_tokens, total_steps=3, checkpoint_every=2)
+def test_train_from_tokens(tokenizer_dir, builtin_tokens, tmp_path):
+    c = token_config(tokenizer_dir, builtin_tokens)  # the step of the test above: a compile-cache hit
     out = train.run(c, tmp_path / 'w')
     assert np.isfinite(out['Lm']) and out['data_skipped_total'] == 0
     _, var = checkpoint.load_model(tmp_path / 'w', need_var=True)
