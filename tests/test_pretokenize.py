@@ -150,8 +150,10 @@ def test_interrupted_run_resumes_finished_shards(tokenizer_dir, tmp_path, monkey
     with pytest.raises(ValueError, match=r'incomplete \(1 of 3 shards\)'):
         tokens.TokenSource(out)
     first = os.stat(paths[0])
+    stale = paths[1] + '.tmp-99999999'  # as left by a kill -9
+    open(stale, 'wb').write(b'partial')
     m = pretokenize.run(tiny_config(tokenizer_dir), out, **args)
-    assert m['complete'] and m['images'] == 12
+    assert m['complete'] and m['images'] == 12 and not os.path.exists(stale)
     again = os.stat(paths[0])
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not rewritten
     fresh = str(tmp_path / 'fresh')

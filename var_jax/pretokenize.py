@@ -197,6 +197,9 @@ def run(config, out: str, *, views: int = 1, workdir: str | None = None, batch: 
         _write_json(mpath, {**want, 'complete': False})
 
     paths = tokens.shard_paths(out, want['num_shards'])
+    for name in os.listdir(out):  # temporary shards of a run that was killed (ours: this naming only)
+        if name.startswith('tokens-') and '.array_record.tmp-' in name:
+            os.remove(os.path.join(out, name))
     todo = [s for s, p in enumerate(paths) if not os.path.exists(p)]
     if len(todo) < len(paths):
         print(f'[pretokenize] resuming: {len(paths) - len(todo)} of {len(paths)} shards already in {out}', flush=True)
@@ -205,7 +208,8 @@ def run(config, out: str, *, views: int = 1, workdir: str | None = None, batch: 
     make_views = Views(source, config.data.image_size, want['data']['crop_ratio'], views, bool(config.data.hflip),
                        int(config.seed))
     workers = int(config.data.get('workers', 0))
-    t0, new, last_print = time.time(), 0, 0.0
+    t0, new = time.time(), 0
+    last_print = t0
     done = n - sum(min(shard_size, n - s * shard_size) for s in todo)
     for s in todo:
         lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
