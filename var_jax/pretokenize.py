@@ -1,4 +1,4 @@
-"""Encode a training set once with the frozen tokenizer, for VAR training without the encoder.
+r"""Encode a training set once with the frozen tokenizer, for VAR training without the encoder.
 
     python -m var_jax.pretokenize --config=configs/d16.py --out DIR [--views N] [--workdir RUN]
         [--batch 64] [--shard_size 4096] [--max_images N] [--config.field=value ...]
