@@ -20,7 +20,9 @@ tokenizer encode, VAR forward and backward, AdamW) on random images, with random
 config's tokenizer (its `tokenizer.train.model`, else the official one). `--baseline
 autodiff_norm` also times the same step with JAX's autodiff of LayerNorm instead of the
 hand-written backward (`models.var.layer_norm`) and reports the ratio, both measured in the
-same process, interleaved run by run so that load on the machine hits both alike. With a
+same process, interleaved run by run so that load on the machine hits both alike. `--tokens`
+likewise times the step of pre-tokenized training (`data.source='tokens'`: random token batches,
+teacher-forcing input from the indices, no encoder) against the step from images. With a
 tokenizer config (configs/tokenizer*.py) it times the step of `var_jax.train_tokenizer` instead
 (encode, multi-scale quantization, decode, the config's losses and discriminator, AdamW, codebook
 usage and dead-code re-seeding).
@@ -147,7 +149,7 @@ def is_tokenizer_config(config) -> bool:
     return 'codebook' in config
 
 
-def _train_step_program(config, batch: int, baseline: bool):
+def _train_step_program(config, batch: int, baseline: bool, from_tokens: bool = False):
     """-> (compiled step, initial state, one batch, frozen params, model description).
 
     The step is the one `var_jax.train` (a VAR config) or `var_jax.train_tokenizer` (a tokenizer
@@ -162,6 +164,8 @@ def _train_step_program(config, batch: int, baseline: bool):
     config.batch_size = batch
     config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)  # one device, as every workload here
     num_classes = builtin.NUM_CLASSES if config.data.source == 'builtin' else 1000
+    if from_tokens:  # the step of data.source='tokens': token batches, no encoder (var_jax/pretokenize.py)
+        config.data.update(source='tokens', path='(random tokens)')
     if is_tokenizer_config(config):
         vq_cfg = vqvae_config_from(config.model)
         config.data.image_size = vq_cfg.image_size
@@ -189,11 +193,15 @@ def _train_step_program(config, batch: int, baseline: bool):
     with patch:  # the norm is looked up while tracing, so only this program uses the baseline
         compiled, _ = trainer.compile_step(task, s, config, size)
     rng = np.random.default_rng(0)
-    data = {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-            'label': (np.arange(batch) % num_classes).astype(np.int32),
+    spec = task.batch_spec(batch, size)
+    data = {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)} if 'image' in spec else \
+        {'tokens': rng.integers(0, vq_cfg.vocab_size, spec['tokens'].shape).astype(spec['tokens'].dtype)}
+    data |= {'label': (np.arange(batch) % num_classes).astype(np.int32),
             'skipped': np.zeros(batch, np.int32)}
     data = {k: jax.device_put(v, s.batch_shardings[k]) for k, v in data.items()}
-    return compiled, s.init_fn(jax.random.key(0)), data, s.frozen, what
+    # from tokens: no state of its own; it runs on the image step's (same structure), which halves
+    # the memory of the comparison (two d16 states did not fit a 23 GB machine)
+    return compiled, None if from_tokens else s.init_fn(jax.random.key(0)), data, s.frozen, what
 
 
 def bench_train(args) -> int:
@@ -205,25 +213,28 @@ def bench_train(args) -> int:
     if args.attention and not tokenizer:
         config.model.attention = args.attention
     config_lib.check(config, 'tokenizer' if tokenizer else 'var')
-    if tokenizer and (args.baseline or args.attention):
-        raise ValueError('--baseline and --attention change the VAR step; a tokenizer config has none')
-    variants = ('step', 'baseline') if args.baseline else ('step',)
+    if tokenizer and (args.baseline or args.attention or args.tokens):
+        raise ValueError('--baseline, --attention and --tokens change the VAR step; a tokenizer config has none')
+    if args.tokens and args.baseline:
+        raise ValueError('--tokens and --baseline each compare with the plain step: give one of them')
+    variants = ('step',) + (('baseline',) if args.baseline else ()) + (('tokens',) if args.tokens else ())
     rows, what = [], ''
     for b in batches:
-        progs, states = {}, {}
+        progs, states, datas = {}, {}, {}
         for v in variants:
             print(f'batch {b}: compiling the {v} ...', file=sys.stderr, flush=True)
             c = config
             if v == 'baseline' and args.baseline == 'xla_attention':  # the same step with the default attention
                 c = config.copy_and_resolve_references()
                 c.model.attention = 'xla'
-            progs[v], states[v], data, frozen, what = _train_step_program(
-                c, b, v == 'baseline' and args.baseline == 'autodiff_norm')
+            progs[v], states[v], datas[v], frozen, what = _train_step_program(
+                c, b, v == 'baseline' and args.baseline == 'autodiff_norm', v == 'tokens')
         times = {v: [] for v in variants}
         for i in range(args.warmup + args.repeats):  # interleaved: machine load hits every variant alike
             for v in variants:
                 t0 = time.perf_counter()
-                states[v], m = progs[v](states[v], data, frozen)
+                sv = 'step' if v == 'tokens' else v
+                states[sv], m = progs[v](states[sv], datas[v], frozen)
                 jax.block_until_ready(m['loss'])
                 if i >= args.warmup:
                     times[v].append(time.perf_counter() - t0)
@@ -232,7 +243,13 @@ def bench_train(args) -> int:
     kind = dev.device_kind if dev.device_kind == dev.platform else f'{dev.platform} {dev.device_kind}'
     print(f'# train: {args.config}: {what}')
     print(f'# device: {kind} (1 of {jax.device_count()}); median of {args.repeats} steps after {args.warmup} warm-up')
-    if args.baseline:
+    if args.tokens:
+        print('| batch | step from images ms | img/s | step from tokens ms | img/s | images / tokens |')
+        print('|---:|---:|---:|---:|---:|---:|')
+        for b, t in rows:
+            print(f'| {b} | {_num(t["step"] * 1e3)} | {_num(b / t["step"])} | {_num(t["tokens"] * 1e3)} | '
+                  f'{_num(b / t["tokens"])} | {t["step"] / t["tokens"]:.2f}x |')
+    elif args.baseline:
         print(f'| batch | step ms | img/s | baseline ({args.baseline}) ms | speed-up |')
         print('|---:|---:|---:|---:|---:|')
         for b, t in rows:
@@ -290,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help='also time the step with JAX\'s autodiff LayerNorm backward (autodiff_norm) or with '
                         'model.attention=\'xla\' (xla_attention) and report the ratio')
     t.add_argument('--attention', choices=ATTENTION, help='VAR configs: set model.attention for the timed step')
+    t.add_argument('--tokens', action='store_true',
+                   help='also time the step from pre-tokenized data (data.source=tokens: no encoder) and report '
+                        'the ratio')
     t.add_argument('--warmup', type=int, default=3, help='untimed steps first (default 3)')
     t.add_argument('--repeats', type=int, default=20, help='timed steps; the median is reported (default 20)')
     t.set_defaults(run=bench_train)

@@ -24,7 +24,7 @@ from ml_collections import ConfigDict
 
 from var_jax.models import PATCH_NUMS
 
-DATA_SOURCES = ('builtin', 'imagefolder', 'tfds')
+DATA_SOURCES = ('builtin', 'imagefolder', 'tfds', 'tokens')  # tokens: VAR only (python -m var_jax.pretokenize)
 
 
 def parse_arg(arg: str | None, lazy: bool = False, **spec) -> ConfigDict:
@@ -206,6 +206,8 @@ def check(config: ConfigDict, kind: str) -> None:
     d = config.data
     need(d.source in DATA_SOURCES, f'data.source must be one of {DATA_SOURCES}, got {d.source!r}')
     need(d.source != 'imagefolder' or d.path, 'data.path must name the image folder (root/<class>/<image>)')
+    need(d.source != 'tokens' or d.path, 'data.path must name the token directory (python -m var_jax.pretokenize)')
+    need(d.source != 'tokens' or kind == 'var', 'data.source tokens trains VAR only; a tokenizer needs images')
     need(d.workers >= 0, f'data.workers must be >= 0, got {d.workers}')
     need(d.get('buffer_mb', 1024) > 0, f'data.buffer_mb must be > 0, got {d.get("buffer_mb")}')
     m = config.model

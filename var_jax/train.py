@@ -5,6 +5,10 @@ tokens (float32) -> teacher-forcing input -> VAR forward (label dropout, drop-pa
 dtype -> mean cross-entropy over all L tokens -> AdamW. Logged as the official trainer does:
 Lm, Lt (last scale), Accm, Acct, grad norm (pre-clip), lr, per-scale accuracy and loss,
 vocabulary usage, images/s, tokens/s and TFLOP/s.
+
+With `data.source='tokens'` (a directory of `python -m var_jax.pretokenize`) the batches carry the
+tokens instead of images and the step starts at the teacher-forcing input (codebook lookups,
+bicubic up / area down, the Phi convs: official `idxBl_to_var_input`), skipping the encoder.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from flax import nnx
 
 from var_jax import checkpoint, cli, config_lib, distributed, metrics, optim, sampling, sharding, trainer, viz
 from var_jax.data.pipeline import make_source
+from var_jax.data import tokens
 from var_jax.models import VAR, VARConfig, abstract, vqvae_config
 from var_jax.models.var import scale_bounds
 
@@ -42,6 +47,33 @@ class VARTask(trainer.Task):
             self.vq_cfg, self.vq_params, self.tokenizer_ref = self._tokenizer()
         self.vq_graphdef = nnx.split(abstract(self.vq_cfg))[0]
         self.source = None
+
+    # ------------------------------------------------------------------ pre-tokenized input
+    @property
+    def from_tokens(self) -> bool:
+        """Batches carry token indices (data.source 'tokens', var_jax/pretokenize.py), not images."""
+        return self.config.data.source == 'tokens'
+
+    @property
+    def source(self):
+        return self._source
+
+    @source.setter
+    def source(self, source):
+        # the trainer hands over the data source before anything is built: tokens made by another
+        # tokenizer would train VAR on the wrong codes without any visible error
+        if isinstance(source, tokens.TokenSource):
+            fp = None if self.vq_params is None else tokens.tokenizer_fingerprint(self.vq_cfg, self.vq_params)
+            tokens.check_matches(source.manifest, self.vq_cfg, fp, source.path)
+        self._source = source
+
+    def batch_spec(self, batch_size, image_size):
+        if not self.from_tokens:
+            return super().batch_spec(batch_size, image_size)
+        L = sum(p * p for p in self.vq_cfg.patch_nums)
+        return {'tokens': jax.ShapeDtypeStruct((batch_size, L), tokens.token_dtype(self.vq_cfg.vocab_size)),
+                'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+                'skipped': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
 
     # ------------------------------------------------------------------ models
     def _tokenizer(self):
@@ -135,8 +167,12 @@ class VARTask(trainer.Task):
         bounds = scale_bounds(cfg.patch_nums)
 
         def grad_fn(mb, key):
-            images = trainer.images_to_float(mb['image'])
-            idx_list, _ = vq.quantize.tokenize(vq.encode(images))  # float32, no gradient
+            if 'tokens' in mb:  # pre-tokenized: only the codebook lookups and resizes below, no encoder
+                flat = mb['tokens'].astype(jnp.int32)
+                idx_list = [flat[:, b:e] for b, e in bounds]
+            else:
+                images = trainer.images_to_float(mb['image'])
+                idx_list, _ = vq.quantize.tokenize(vq.encode(images))  # float32, no gradient
             x_in = jax.lax.stop_gradient(vq.quantize.idx_to_var_input(idx_list))
             target = jnp.concatenate(idx_list, axis=1)
 
@@ -303,6 +339,12 @@ def run(config, workdir, *, dry_run: bool = False, device_memory_gib: float = 0.
 
 def _run(config, workdir, *, train_tok: bool) -> dict:
     check_tokenizer(config, workdir)
+    if not config.tokenizer.checkpoint and config.data.source == 'tokens' \
+            and not (workdir / TOKENIZER_DIR / checkpoint.MODEL_FILE).exists():
+        # training a new tokenizer here could never match the tokens (var_jax/data/tokens.py)
+        made_by = tokens.read_manifest(config.data.path).get('tokenizer_path', '?')
+        raise ValueError(f'data.source tokens: set config.tokenizer.checkpoint to the tokenizer that made the '
+                         f'tokens in {config.data.path} (their manifest names {made_by})')
     if train_tok:
         from var_jax import train_tokenizer  # noqa: PLC0415
 

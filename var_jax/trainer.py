@@ -94,6 +94,12 @@ class Task:
     def flops_per_image(self) -> float:
         return 0.0
 
+    def batch_spec(self, batch_size: int, image_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Global shape and dtype of every batch field the step reads (the input pipeline's keys)."""
+        return {'image': jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8),
+                'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+                'skipped': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
     # --- host side
     def evaluate(self, state: TrainState, frozen, step: int, writer: metrics.Writer, final: bool) -> dict:
         return {}
@@ -209,8 +215,8 @@ def setup(task: Task, config, *, dataset_size: int, image_size: int) -> Setup:
             opt_state=sharding.like_params(abstract_state.opt_state, abstract_state.params, param_sh, rep),
             ema={k: param_sh[k] for k in abstract_state.ema},
             extra=jax.tree.map(lambda _: rep, abstract_state.extra))
-    batch_sh = {'image': sharding.batch_sharding(mesh, ndim=4), 'label': sharding.batch_sharding(mesh),
-                'skipped': sharding.batch_sharding(mesh)}
+    batch_sh = {k: sharding.batch_sharding(mesh, ndim=len(v.shape))
+                for k, v in task.batch_spec(config.batch_size, image_size).items()}
     frozen = task.frozen(mesh)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     step_fn = jax.jit(_guarded(task, tx), in_shardings=(state_sh, batch_sh, frozen_sh),
@@ -232,10 +238,8 @@ def compile_step(task: Task, s: Setup, config, image_size: int):
 
 def compile_and_measure(task: Task, s: Setup, config, image_size: int):
     """`compile_step` -> (compiled, report line, per-device bytes or None where XLA tells none)."""
-    b = config.batch_size
-    batch = {'image': jax.ShapeDtypeStruct((b, image_size, image_size, 3), jnp.uint8, sharding=s.batch_shardings['image']),
-             'label': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=s.batch_shardings['label']),
-             'skipped': jax.ShapeDtypeStruct((b,), jnp.int32, sharding=s.batch_shardings['skipped'])}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_shardings[k])
+             for k, v in task.batch_spec(config.batch_size, image_size).items()}
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), s.frozen)
     with sharding.use_mesh(s.mesh):
         t0 = time.time()
@@ -595,7 +599,7 @@ def _train(task: Task, config, workdir) -> dict:
         while step < s.total_steps:
             local = next(data_iter)
             batch = {k: jax.make_array_from_process_local_data(s.batch_shardings[k], np.asarray(local[k]))
-                     for k in ('image', 'label', 'skipped')}
+                     for k in s.batch_shardings}
             with sharding.use_mesh(s.mesh):
                 state, m = compiled(state, batch, s.frozen)
             step += 1

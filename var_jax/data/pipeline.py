@@ -1,6 +1,6 @@
 """grain input pipelines shared by both trainers: sources, official augmentation, host sharding.
 
-    source (built-in shapes10 | image folder | TFDS array_record)
+    source (built-in shapes10 | image folder | TFDS array_record; pre-tokenized: data/tokens.py)
       -> [train] seed + global shuffle + repeat      (same permutation on every process)
       -> this process's slice  ds[process_index::process_count]
       -> decode (corrupt or unreadable images are replaced by the next readable one and counted;
@@ -22,7 +22,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from var_jax.data import builtin, images
+from var_jax.data import builtin, images, tokens
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
 MAX_SKIP = 16  # how far a corrupt image looks for a readable replacement
@@ -127,7 +127,11 @@ def make_source(data_cfg, split: str):
     if kind == 'tfds':
         return TFDSSource(data_cfg.name, data_cfg.train_split if split == 'train' else data_cfg.eval_split,
                           data_cfg.get('data_dir'))
-    raise ValueError(f"data.source must be 'builtin', 'imagefolder' or 'tfds', got {kind!r}")
+    if kind == 'tokens':
+        if split != 'train':
+            raise ValueError('data.source tokens holds the training split only (python -m var_jax.pretokenize)')
+        return tokens.TokenSource(data_cfg.path)
+    raise ValueError(f"data.source must be 'builtin', 'imagefolder', 'tfds' or 'tokens', got {kind!r}")
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -246,6 +250,9 @@ def make_dataset(data_cfg, *, split: str, local_batch: int, seed: int, process_i
     processes, buffers at most `read_options` batches plus 2 in the worker's output queue, and
     decodes one image per thread at a bounded size (`decode`).
     """
+    if data_cfg.source == 'tokens':
+        return make_token_dataset(data_cfg, split=split, local_batch=local_batch, seed=seed,
+                                  process_index=process_index, process_count=process_count, train=train)
     source = make_source(data_cfg, split)
     ratio = 1.0 if data_cfg.source == 'builtin' else 1.125
     ds = grain.MapDataset.source(SafeSource(source, min_side=round(ratio * data_cfg.image_size)))
@@ -257,6 +264,25 @@ def make_dataset(data_cfg, *, split: str, local_batch: int, seed: int, process_i
     else:
         ds = ds.map(CenterCrop(data_cfg.image_size, ratio))
     ds = ds.batch(local_batch, drop_remainder=train)
+    return _iterate(ds, data_cfg, local_batch), source
+
+
+def make_token_dataset(data_cfg, *, split: str, local_batch: int, seed: int, process_index: int = 0,
+                       process_count: int = 1, train: bool = True):
+    """Pre-tokenized images (var_jax/data/tokens.py): batches of `tokens` (B, L) int16/int32 (the
+    per-scale indices of one stored view per image, drawn anew every epoch), `label`, `skipped` (0).
+    Same seed, shuffle and host slicing as the image pipelines."""
+    source = make_source(data_cfg, split)
+    ds = grain.MapDataset.source(source)
+    if train:
+        ds = ds.seed(seed).shuffle().repeat()
+    ds = ds[process_index::process_count]
+    ds = ds.random_map(tokens.PickView(source)) if train else ds.map(tokens.FirstView(source))
+    ds = ds.batch(local_batch, drop_remainder=train)
+    return _iterate(ds, data_cfg, local_batch), source
+
+
+def _iterate(ds, data_cfg, local_batch: int):
     it = ds.to_iter_dataset(read_options(data_cfg, local_batch))
     workers = int(data_cfg.get('workers', 0))
     if workers > 0:
@@ -264,4 +290,4 @@ def make_dataset(data_cfg, *, split: str, local_batch: int, seed: int, process_i
         if not flags.FLAGS.is_parsed():  # grain workers read absl flags (library use, tests)
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
-    return it, source
+    return it
