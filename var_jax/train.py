@@ -117,6 +117,14 @@ class VARTask(trainer.Task):
         return sharding.put(self.vq_params, rep)
 
     # ------------------------------------------------------------------ update
+    def teacher_forcing(self, mb, vq):
+        """-> (VAR input x_BLCv_wo_first_l (B, L - pn_0^2, Cvae), target tokens (B, L)) of a
+        microbatch: the frozen tokenizer encodes its images (float32, no gradient). The benchmark
+        of VAR alone (`var_jax.benchmarks`) overrides this to read given tokens instead."""
+        idx_list, _ = vq.quantize.tokenize(vq.encode(trainer.images_to_float(mb['image'])))
+        x_in = jax.lax.stop_gradient(vq.quantize.idx_to_var_input(idx_list))
+        return x_in, jnp.concatenate(idx_list, axis=1)
+
     def train_step(self, state, batch, frozen, tx):
         cfg = self.var_cfg
         graphdef = nnx.split(abstract(cfg))[0]
@@ -125,10 +133,7 @@ class VARTask(trainer.Task):
         bounds = scale_bounds(cfg.patch_nums)
 
         def grad_fn(mb, key):
-            images = trainer.images_to_float(mb['image'])
-            idx_list, _ = vq.quantize.tokenize(vq.encode(images))  # float32, no gradient
-            x_in = jax.lax.stop_gradient(vq.quantize.idx_to_var_input(idx_list))
-            target = jnp.concatenate(idx_list, axis=1)
+            x_in, target = self.teacher_forcing(mb, vq)
 
             def loss_fn(params):
                 logits = nnx.merge(graphdef, params)(mb['label'], x_in, train=True, rng=key)
