@@ -14,7 +14,7 @@ import time
 import pytest
 
 from var_jax import bench
-from var_jax.benchmarks import compare
+from var_jax.benchmarks import compare, device
 
 from conftest import REPO
 
@@ -189,3 +189,50 @@ def torch_reset_parameters_work() -> bool:
     import torch
 
     return torch.nn.Linear(4, 4).weight.abs().sum() > 0
+
+
+# --- device: the one-shot accelerator check ------------------------------------------------------
+
+
+@pytest.mark.parametrize('argv,match', [
+    (['--budget', '0'], '--budget must be > 0'),
+    (['--official', '/nonexistent/VAR'], '--official: no such directory'),
+])
+def test_device_check_bad_arguments(argv, match, tmp_path, capsys):
+    assert bench.main(['device', '--smoke', '--out', str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith('error: ') and match in err and '\n' not in err
+
+
+@pytest.mark.slow
+def test_device_check_smoke(tmp_path, capsys):
+    """Every part of the check runs on the CPU with tiny models, each in its own process (a generous
+    budget: the default 90 s is for an idle machine), and one table sums them up."""
+    official = OFFICIAL if (OFFICIAL / 'models' / 'var.py').is_file() and _has_torch() else None
+    argv = ['device', '--smoke', '--out', str(tmp_path), '--budget', '900']
+    rc = bench.main(argv + (['--official', str(official)] if official else []))
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    data = json.loads((tmp_path / 'device_check.json').read_text())
+    assert data['smoke'] and set(data['parts']) == set(device.PARTS)
+    for name, part in data['parts'].items():
+        if name == 'official' and not official:
+            assert part['status'] == 'not run: no --official DIR given'
+        else:
+            assert part['status'] == 'ok', (name, part)
+    checks = [r[0] for r in _table(out)]
+    assert checks[:3] == ['matmul peak', 'train d16 (smoke: tiny)', 'train d20 (smoke: tiny)']
+    assert checks.count('sample d16 (smoke: tiny)') == len(device.SMOKE_SAMPLE_BATCHES)
+    assert 'memory d30 (smoke: tiny)' in checks
+    train = data['parts']['train_d16']['rows'][0]['values']
+    assert train['img_per_s'] > 0 and train['tflops'] > 0 and 0 < train['mfu']
+    if official:
+        assert {'vs official: train', 'vs official: sample'} <= set(checks)
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True

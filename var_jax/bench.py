@@ -351,7 +351,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument('--seed', type=int, default=0)
     c.add_argument('--json', metavar='FILE', help='also write the settings and every timed run as JSON')
     c.set_defaults(run=_compare)
+
+    d = sub.add_parser('device', help='one-shot accelerator check (< 8 min): peak, train MFU, sampling, memory, '
+                                      'official side by side', allow_abbrev=False)
+    d.add_argument('--out', help='folder for the JSON (default: $OUT, else ./device_check)')
+    d.add_argument('--official', metavar='DIR', help='also compare with the official code of this checkout')
+    d.add_argument('--budget', type=float, help='seconds for all parts (default 450; --smoke 90)')
+    d.add_argument('--smoke', action='store_true', help='the same code path on the CPU with tiny models (CI)')
+    d.add_argument('--part', help=argparse.SUPPRESS)  # one part, in a child process
+    d.add_argument('--part_budget', type=float, help=argparse.SUPPRESS)
+    d.add_argument('--peak_tflops', type=float, help=argparse.SUPPRESS)
+    d.set_defaults(run=_device)
     return p
+
+
+def _device(args) -> int:
+    from var_jax.benchmarks import device  # noqa: PLC0415
+
+    return device.main(args)
 
 
 def _compare(args) -> int:
