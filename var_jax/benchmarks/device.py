@@ -46,7 +46,7 @@ SMOKE_CAPS = {'peak': 20, 'train_d16': 30, 'train_d20': 30, 'sample_d16': 30, 'm
 BUDGET, SMOKE_BUDGET = 450.0, 90.0
 MIN_START = {'full': 20.0, 'smoke': 5.0}  # a part with less time than this left is skipped
 TRAIN_BATCH, SAMPLE_BATCHES, MEMORY_BATCH, COMPARE_BATCH = 32, (1, 16, 64), 16, 16
-SMOKE_SAMPLE_BATCHES = (1, 2)
+SMOKE_SAMPLE_BATCHES = (2,)
 
 
 # ---------------------------------------------------------------------------- the parent
@@ -250,10 +250,10 @@ def _train(depth: int):
         def one():
             holder['state'], m = step(holder['state'], data, frozen)
             jax.block_until_ready(m['loss'])
-        one()
-        one()  # warm-up
+        for _ in range(1 if args.smoke else 2):  # the first compiles
+            one()
         setup = time.monotonic() - t0
-        times = _timed_loop(one, part, 20)
+        times = _timed_loop(one, part, 3 if args.smoke else 20)
         t = statistics.median(times)
         c = _var_cfg(config, batch, vq)
         img_s = batch / t
@@ -264,7 +264,7 @@ def _train(depth: int):
                  f'{c.dtype}, batch {batch}, 1 device; encode + VAR fwd/bwd + AdamW',
                  f'{img_s:,.1f} img/s',
                  f'{t * 1e3:,.1f} ms/step (median of {len(times)}); VAR {tflops:,.1f} TFLOP/s{mfu}; '
-                 f'compile + 2 warm-up steps {setup:.0f} s',
+                 f'compile + warm-up {setup:.0f} s',
                  img_per_s=img_s, step_s=t, tflops=tflops, mfu=tflops / peak if peak else None, what=what)
     return run
 
@@ -299,7 +299,7 @@ def part_sample(args, part: Part):
         t0 = time.monotonic()
         one()
         first = time.monotonic() - t0
-        times = _timed_loop(one, part, 5, min_runs=1)
+        times = _timed_loop(one, part, 2 if args.smoke else 5, min_runs=1)
         t = statistics.median(times)
         part.add(name, f'bf16, batch {b}, cfg 1.5, top-k {top_k}, top-p 0.96, decode included', f'{b / t:,.2f} img/s',
                  f'{t:.3g} s per batch (median of {len(times)}); first call (compile) {first:.0f} s',
