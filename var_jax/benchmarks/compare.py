@@ -123,8 +123,9 @@ class JaxSide:
         s = self.spec
         key = jax.random.key(s.seed)
         if workload in ('train', 'train_encode'):
-            step, state, data, frozen, _ = bench._train_step_program(s.config, s.batch, False, tokenizer=s.vq,
-                                                                     var_alone=workload == 'train')
+            # the frozen tokenizer encodes in float32 in training (as the official trainer, outside autocast)
+            step, state, data, frozen, _ = bench._train_step_program(
+                s.config, s.batch, False, tokenizer=s.vq.replace(dtype='float32'), var_alone=workload == 'train')
             held = self._held = {'state': state}
 
             def train():
@@ -319,6 +320,9 @@ class PinnedCores:
 def main(args) -> int:
     from var_jax.benchmarks.official import OfficialSide, import_official  # noqa: PLC0415
 
+    # on a GPU JAX would take 75 % of its memory up front and leave torch little; this only acts
+    # before JAX starts its backend (the command line), which is when it matters
+    os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')
     workloads = parse_workloads(args.workloads)
     if args.batch < 1:
         raise ValueError(f'--batch must be >= 1, got {args.batch}')
