@@ -5,6 +5,7 @@
     python -m var_jax.bench train --config configs/tiny.py [--batch 16,32] [--baseline autodiff_norm]
     python -m var_jax.bench train --config configs/tokenizer_tiny.py [--batch 16]
     python -m var_jax.bench compare --official DIR [--depth 16] [--workloads train,sample] [--json FILE]
+    python -m var_jax.bench device [--out DIR] [--official DIR] [--smoke]
 
 `sample` times class-conditional sampling on one device, as images per second for each batch
 size, with the transformer (`sampling.generate_fhat`: all scales, KV cache, guidance with the
@@ -31,6 +32,12 @@ ratio (`var_jax.benchmarks.compare`; what runs on each side: `var_jax.benchmarks
 
     python -m var_jax.bench compare --official DIR [--depth 16] [--batch 2] [--dtype float32] \
         [--threads 2] [--workloads train,train_encode,sample,encode,decode] [--repeats 3] [--json FILE]
+
+`device` is the one-shot accelerator check (`var_jax.benchmarks.device`; docs/gpu.md): matmul
+peak, d16/d20 train-step img/s and MFU, d16 sampling, d30 compiled memory and `compare`, each
+part in its own process under a time budget, within 8 minutes; `--smoke` runs it on the CPU:
+
+    python -m var_jax.bench device [--out DIR] [--official DIR] [--budget 450] [--smoke]
 
 The table goes to stdout (markdown), progress to stderr.
 """
