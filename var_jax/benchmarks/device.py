@@ -96,8 +96,7 @@ def main(args) -> int:
         child_env = dict(env, XLA_PYTHON_CLIENT_PREALLOCATE='false') if name == 'official' else env
         t0 = time.monotonic()
         try:
-            r = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, env=child_env, timeout=part_budget)
-            code = r.returncode
+            code = _run_child(cmd, child_env, part_budget)
         except subprocess.TimeoutExpired:
             code = None
         took = time.monotonic() - t0
@@ -130,6 +129,23 @@ def main(args) -> int:
                                            'seconds': round(total, 1), 'parts': parts})
     print(f'wrote {out / "device_check.json"}', file=sys.stderr)
     return 0
+
+
+def _run_child(cmd, env, timeout: float) -> int:
+    """Run a part; its output (stdout too: only the parent prints the table) goes to our stderr."""
+    try:
+        err = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # stderr is not a file (captured, e.g. in tests)
+        err = None
+    if err is not None:
+        return subprocess.run(cmd, stdout=err, stderr=err, env=env, timeout=timeout).returncode
+    try:
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        sys.stderr.write((e.output or b'').decode(errors='replace'))
+        raise
+    sys.stderr.write(r.stdout.decode(errors='replace'))
+    return r.returncode
 
 
 def _read(path: pathlib.Path) -> dict:
