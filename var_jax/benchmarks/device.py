@@ -39,6 +39,8 @@ import tempfile
 import time
 import traceback
 
+from var_jax.models.config import VQVAEConfig
+
 PARTS = ('peak', 'train_d16', 'train_d20', 'sample_d16', 'memory_d30', 'official')
 # seconds per part for the full check (450 s in all); `official` gets what is left (120 s).
 # The children start within these shares, so the whole check ends within 8 minutes.
@@ -48,6 +50,8 @@ BUDGET, SMOKE_BUDGET = 450.0, 90.0
 MIN_START = {'full': 20.0, 'smoke': 5.0}  # a part with less time than this left is skipped
 TRAIN_BATCH, SAMPLE_BATCHES, MEMORY_BATCH, COMPARE_BATCH = 32, (1, 16, 64), 16, 16
 SMOKE_SAMPLE_BATCHES = (2,)
+# --smoke's tokenizer: `bench sample --model tiny`'s (8 px, 4 scales), cheap to compile
+SMOKE_VQ = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4))
 
 
 # ---------------------------------------------------------------------------- the parent
@@ -232,13 +236,13 @@ def part_peak(args, part: Part):
 
 def _var_config(args, depth: int, batch: int):
     from var_jax import config_lib  # noqa: PLC0415
-    from var_jax.benchmarks.compare import TINY_VQ  # noqa: PLC0415
 
     c = config_lib.var_recipe(depth=depth, batch_size=batch, epochs=1, tblr=1e-4, alng=1e-5, wpe=0.1)
     c.model.dtype = 'bfloat16'
-    if args.smoke:  # tiny: 4 scales, 64 px; depth 1 / 2 stand in for 16 / 20
-        c.model.update(depth=max(1, depth // 10), patch_nums=TINY_VQ.patch_nums, num_classes=10)
-        return c, TINY_VQ
+    if args.smoke:  # tiny: 4 scales, 8 px; depth 1 / 2 / 3 stand in for 16 / 20 / 30
+        vq = SMOKE_VQ
+        c.model.update(depth=max(1, depth // 10), width=64, num_heads=1, patch_nums=vq.patch_nums, num_classes=10)
+        return c, vq
     return c, None
 
 
@@ -294,10 +298,9 @@ def part_sample(args, part: Part):
     from var_jax.models import create, var_config, vqvae_config  # noqa: PLC0415
 
     if args.smoke:
-        from var_jax.benchmarks.compare import TINY_VQ  # noqa: PLC0415
         from var_jax.models import VARConfig  # noqa: PLC0415
 
-        vq = TINY_VQ.replace(dtype='bfloat16')
+        vq = SMOKE_VQ.replace(dtype='bfloat16')
         var = VARConfig(depth=1, width=64, num_heads=1, vocab_size=vq.vocab_size, cvae=vq.z_channels,
                         patch_nums=vq.patch_nums, num_classes=10, dtype='bfloat16')
         batches, name = SMOKE_SAMPLE_BATCHES, 'sample d16 (smoke: tiny)'
