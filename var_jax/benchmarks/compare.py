@@ -7,7 +7,9 @@ built-in default: depth 4, width 128; its own small tokenizer has a layout the o
 class cannot build, so only `train` is comparable there), `--tiny` a small official-layout pair
 for tests. Same batch, dtype, device (CPU; CUDA when torch sees one and JAX runs on a GPU) and
 CPU threads: `torch.set_num_threads(N)`, and when N is below the cores this process may use,
-every thread of the process (XLA's pool included) is pinned to N cores.
+every thread of the process (XLA's pool included) is pinned to N cores. On a machine that other
+jobs load, torch's multi-thread (OpenMP) pool slows down far more than XLA's when its threads
+get descheduled: `--threads 1` is the fair setting there (docs/benchmarks.md shows both).
 
 For each workload both sides first prepare (compile / allocate) and run `--warmup` untimed
 runs, then the timed runs alternate, var_jax, official, var_jax, official, ..., so that load on
@@ -358,7 +360,8 @@ def main(args) -> int:
                   + ('pinned to the same cores' if pinned.saved else f'all {len(cores)} cores of this process'),
                   f'# sampling: cfg {spec.cfg:g}, top-k {spec.top_k}, top-p {spec.top_p:g}; median of '
                   f'{args.repeats} timed runs per side after {args.warmup} warm-up, interleaved '
-                  f'(var_jax, official, var_jax, ...); speed ratio = var_jax img/s / official img/s (> 1: var_jax faster)']
+                  f'(var_jax, official, var_jax, ...); speed ratio = var_jax img/s / official img/s '
+                  f'(> 1: var_jax faster)']
         print('\n'.join(header))
         print(table(results, 'var_jax', 'official', spec.batch))
         print('\n'.join(f'- {r.workload}: {WHAT[r.workload]}' for r in results))

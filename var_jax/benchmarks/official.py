@@ -4,13 +4,18 @@ Imported at run time from the user's own checkout: DIR goes on `sys.path` and it
 package (`build_vae_var`, `VAR`, `VQVAE`) and `utils.amp_sc.AmpOptimizer` are imported from
 there; nothing of it is copied into var_jax. Each workload runs what the official code runs:
 
-| workload | official (this module) | var_jax (`compare.JaxSide`) |
-|---|---|---|
-| train | `VAR.forward` in train mode (label dropout, drop path) on random `x_BLCv_wo_first_l`, labels and targets; cross-entropy (reduction none) x 1/L, summed, mean over the batch; `AmpOptimizer.backward_clip_step`: backward, `clip_grad_norm_(2.0)`, AdamW(0.9, 0.95) step, `zero_grad` | the `var_jax.train` step fed random teacher-forcing input and targets (`bench._train_step_program(var_alone=True)`) |
-| train_encode | the same after `vae.img_to_idxBl` + `quantize.idxBl_to_var_input` of random images, outside autocast, as `VARTrainer.train_step` | the `var_jax.train` step (encodes in the step) |
-| sample | `VAR.autoregressive_infer_cfg(B, labels, g_seed, cfg, top_k, top_p)` in eval mode under `inference_mode`, decode included | `sampling.sample` (decode included) |
-| encode | `vae.img_to_idxBl` | `quantize.tokenize(encode(images))` |
-| decode | `vae.fhat_to_img` | `vqvae.decode` |
+- `train`: `VAR.forward` in train mode (label dropout, drop path) on random
+  `x_BLCv_wo_first_l`, labels and targets; cross-entropy (reduction none) x 1/L, summed, mean
+  over the batch; `AmpOptimizer.backward_clip_step`: backward, `clip_grad_norm_(2.0)`, AdamW
+  (0.9, 0.95) step, `zero_grad`. var_jax: the `var_jax.train` step fed random teacher-forcing
+  input and targets (`bench._train_step_program(var_alone=True)`).
+- `train_encode`: the same after `vae.img_to_idxBl` + `quantize.idxBl_to_var_input` of random
+  images, outside autocast, as `VARTrainer.train_step`. var_jax: the `var_jax.train` step
+  (it encodes in the step).
+- `sample`: `VAR.autoregressive_infer_cfg(B, labels, g_seed, cfg, top_k, top_p)` in eval mode
+  under `inference_mode`, decode included. var_jax: `sampling.sample` (decode included).
+- `encode`: `vae.img_to_idxBl`. var_jax: `quantize.tokenize(encode(images))`.
+- `decode`: `vae.fhat_to_img`. var_jax: `vqvae.decode`.
 
 Settings mirror the defaults of the official `train.py` / `utils/arg_util.py`: eager (tfast =
 vfast = 0, no `torch.compile`); float32, or with `--dtype bfloat16` autocast to bf16 around the
