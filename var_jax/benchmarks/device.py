@@ -44,7 +44,7 @@ from var_jax.models.config import VQVAEConfig
 PARTS = ('peak', 'train_d16', 'train_d20', 'sample_d16', 'memory_d30', 'official')
 # seconds per part for the full check (450 s in all); `official` gets what is left (120 s).
 # The children start within these shares, so the whole check ends within 8 minutes.
-CAPS = {'peak': 30, 'train_d16': 80, 'train_d20': 80, 'sample_d16': 90, 'memory_d30': 50, 'official': 600}
+CAPS = {'peak': 30, 'train_d16': 75, 'train_d20': 75, 'sample_d16': 90, 'memory_d30': 60, 'official': 600}
 SMOKE_CAPS = {'peak': 20, 'train_d16': 30, 'train_d20': 30, 'sample_d16': 30, 'memory_d30': 30, 'official': 60}
 BUDGET, SMOKE_BUDGET = 450.0, 90.0
 MIN_START = {'full': 20.0, 'smoke': 5.0}  # a part with less time than this left is skipped
