@@ -20,7 +20,7 @@ from conftest import REPO
 
 
 def _table(out: str) -> list[list[str]]:
-    rows = [line for line in out.splitlines() if line.startswith('| ') and not line.startswith(('| batch', '| workload'))]
+    rows = [line for line in out.splitlines() if line.startswith('| ') and not line.startswith(('| batch', '| workload', '| check'))]
     return [[c.strip() for c in r.strip('|').split('|')] for r in rows]
 
 
