@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       'official side by side', allow_abbrev=False)
     d.add_argument('--out', help='folder for the JSON (default: $OUT, else ./device_check)')
     d.add_argument('--official', metavar='DIR', help='also compare with the official code of this checkout')
-    d.add_argument('--budget', type=float, help='seconds for all parts (default 450; --smoke 90)')
+    d.add_argument('--budget', type=float, help='seconds for all parts (default 450; --smoke 180)')
     d.add_argument('--smoke', action='store_true', help='the same code path on the CPU with tiny models (CI)')
     d.add_argument('--part', help=argparse.SUPPRESS)  # one part, in a child process
     d.add_argument('--part_budget', type=float, help=argparse.SUPPRESS)
