@@ -5,6 +5,8 @@
     python -m var_jax.bench train --config configs/tiny.py [--batch 16,32] [--baseline autodiff_norm]
     python -m var_jax.bench train --config configs/d16.py --batch 2 --attention blockwise --baseline xla_attention
     python -m var_jax.bench train --config configs/tokenizer_tiny.py [--batch 16]
+    python -m var_jax.bench compare --official DIR [--depth 16] [--workloads train,sample] [--json FILE]
+    python -m var_jax.bench device [--out DIR] [--official DIR] [--smoke]
 
 `sample` times class-conditional sampling on one device, as images per second for each batch
 size, with the transformer (`sampling.generate_fhat`: all scales, KV cache, guidance with the
@@ -26,6 +28,19 @@ teacher-forcing input from the indices, no encoder) against the step from images
 tokenizer config (configs/tokenizer*.py) it times the step of `var_jax.train_tokenizer` instead
 (encode, multi-scale quantization, decode, the config's losses and discriminator, AdamW, codebook
 usage and dead-code re-seeding).
+
+`compare` times the same workloads in var_jax and in the official PyTorch code, imported from
+your own checkout (`--official DIR`, torch needed), interleaved run by run, and reports the speed
+ratio (`var_jax.benchmarks.compare`; what runs on each side: `var_jax.benchmarks.official`):
+
+    python -m var_jax.bench compare --official DIR [--depth 16] [--batch 2] [--dtype float32] \
+        [--threads 2] [--workloads train,train_encode,sample,encode,decode] [--repeats 3] [--json FILE]
+
+`device` is the one-shot accelerator check (`var_jax.benchmarks.device`; docs/gpu.md): matmul
+peak, d16/d20 train-step img/s and MFU, d16 sampling, d30 compiled memory and `compare`, each
+part in its own process under a time budget, within 8 minutes; `--smoke` runs it on the CPU:
+
+    python -m var_jax.bench device [--out DIR] [--official DIR] [--budget 450] [--smoke]
 
 The table goes to stdout (markdown), progress to stderr.
 """
@@ -149,21 +164,53 @@ def is_tokenizer_config(config) -> bool:
     return 'codebook' in config
 
 
-def _train_step_program(config, batch: int, baseline: bool, from_tokens: bool = False):
+def tokenizer_config(config) -> VQVAEConfig:
+    """The tokenizer a VAR training config trains with: its `tokenizer.train.model`, else the official one."""
+    from var_jax.train_tokenizer import vqvae_config_from  # noqa: PLC0415
+
+    t = config.tokenizer.get('train')
+    return vqvae_config_from(t.model) if t and 'model' in t else vqvae_config(
+        patch_nums=config_lib.patch_nums_of(config.model))
+
+
+def _one_device_config(config, batch: int, vq_cfg: VQVAEConfig | None = None):
+    """-> the config resolved for one device at this batch size (every workload here runs on one)."""
+    from var_jax.data import builtin  # noqa: PLC0415
+
+    config = config.copy_and_resolve_references()
+    config.batch_size = batch
+    config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)
+    if not is_tokenizer_config(config):
+        if not config.model.num_classes:
+            config.model.num_classes = builtin.NUM_CLASSES if config.data.source == 'builtin' else 1000
+        config.data.image_size = (vq_cfg or tokenizer_config(config)).image_size
+    return config
+
+
+class _GivenTokensTask:
+    """Mixed into `VARTask`: the step reads the teacher-forcing input and targets from the batch
+    (`x_in`, `target`) instead of encoding images, i.e. VAR alone (`compare`'s `train` workload)."""
+
+    def teacher_forcing(self, mb, vq):
+        return mb['x_in'], mb['target']
+
+
+def _train_step_program(config, batch: int, baseline: bool, from_tokens: bool = False, *,
+                        tokenizer: VQVAEConfig | None = None, var_alone: bool = False):
     """-> (compiled step, initial state, one batch, frozen params, model description).
 
     The step is the one `var_jax.train` (a VAR config) or `var_jax.train_tokenizer` (a tokenizer
-    config) runs, built by the same `trainer.setup` / `trainer.compile_step`."""
-    from var_jax import trainer  # noqa: PLC0415
-    from var_jax.data import builtin  # noqa: PLC0415
+    config) runs, built by the same `trainer.setup` / `trainer.compile_step`. `tokenizer`: the
+    VQVAE a VAR config encodes with (default `tokenizer_config`). `var_alone`: the VAR step without
+    the encode, fed random teacher-forcing input and targets (jitted on one device as `trainer.setup`
+    does, with the batch's two extra arrays)."""
+    from var_jax import sharding, trainer  # noqa: PLC0415
     from var_jax.models import var as var_module  # noqa: PLC0415
     from var_jax.train import VARTask  # noqa: PLC0415
     from var_jax.train_tokenizer import TokenizerTask, vqvae_config_from  # noqa: PLC0415
 
-    config = config.copy_and_resolve_references()
-    config.batch_size = batch
-    config.mesh.update(data=1, fsdp=1, tensor=1, num_devices=1)  # one device, as every workload here
-    num_classes = builtin.NUM_CLASSES if config.data.source == 'builtin' else 1000
+    config = _one_device_config(config, batch, tokenizer)
+    num_classes = 1
     if from_tokens:  # the step of data.source='tokens': token batches, no encoder (var_jax/pretokenize.py)
         config.data.update(source='tokens', path='(random tokens)')
     if is_tokenizer_config(config):
@@ -174,30 +221,36 @@ def _train_step_program(config, batch: int, baseline: bool, from_tokens: bool = 
         what = (f'tokenizer ch {vq_cfg.ch} x {tuple(vq_cfg.ch_mult)}, V {vq_cfg.vocab_size}, {vq_cfg.image_size} px, '
                 f'{vq_cfg.num_scales} scales, loss {" + ".join(losses)}, {vq_cfg.dtype}')
     else:
-        if not config.model.num_classes:
-            config.model.num_classes = num_classes
         num_classes = config.model.num_classes
-        t = config.tokenizer.get('train')
-        vq_cfg = vqvae_config_from(t.model) if t and 'model' in t else vqvae_config(
-            patch_nums=config_lib.patch_nums_of(config.model))
-        config.data.image_size = vq_cfg.image_size
-        task = VARTask(config, tempfile.gettempdir(), tokenizer=create(vq_cfg, seed=0))
+        vq_cfg = tokenizer or tokenizer_config(config)
+        cls = type('VARAloneTask', (_GivenTokensTask, VARTask), {}) if var_alone else VARTask
+        task = cls(config, tempfile.gettempdir(), tokenizer=create(vq_cfg, seed=0))
         c = task.var_cfg
-        what = (f'VAR depth {c.depth} width {c.C}, {c.L} tokens, {c.dtype}; tokenizer ch {vq_cfg.ch}, '
-                f'{vq_cfg.image_size} px')
+        what = (f'VAR depth {c.depth} width {c.C}, {c.L} tokens, {c.dtype}; ' +
+                ('no tokenizer (given tokens)' if var_alone else f'tokenizer ch {vq_cfg.ch}, {vq_cfg.image_size} px'))
     size = vq_cfg.image_size
     s = trainer.setup(task, config, dataset_size=int(config.data.get('size_hint', trainer.IMAGENET_TRAIN)),
                       image_size=size)
-    patch = (mock.patch.object(var_module, 'layer_norm', var_module.layer_norm_autodiff) if baseline
-             else contextlib.nullcontext())
-    with patch:  # the norm is looked up while tracing, so only this program uses the baseline
-        compiled, _ = trainer.compile_step(task, s, config, size)
     rng = np.random.default_rng(0)
     spec = task.batch_spec(batch, size)
     data = {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)} if 'image' in spec else \
         {'tokens': rng.integers(0, vq_cfg.vocab_size, spec['tokens'].shape).astype(spec['tokens'].dtype)}
     data |= {'label': (np.arange(batch) % num_classes).astype(np.int32),
-            'skipped': np.zeros(batch, np.int32)}
+             'skipped': np.zeros(batch, np.int32)}
+    if var_alone:
+        c = task.var_cfg
+        data['image'] = np.zeros((batch, 1, 1, 3), np.uint8)  # unread
+        data['x_in'] = rng.standard_normal((batch, c.L - c.patch_nums[0] ** 2, c.cvae), dtype=np.float32)
+        data['target'] = rng.integers(0, c.vocab_size, (batch, c.L), dtype=np.int32)
+        data = jax.device_put(data, s.batch_shardings['label'])
+        state = s.init_fn(jax.random.key(0))
+        with sharding.use_mesh(s.mesh):
+            compiled = jax.jit(trainer._guarded(task, s.tx), donate_argnums=0).lower(state, data, s.frozen).compile()
+        return compiled, state, data, s.frozen, what
+    patch = (mock.patch.object(var_module, 'layer_norm', var_module.layer_norm_autodiff) if baseline
+             else contextlib.nullcontext())
+    with patch:  # the norm is looked up while tracing, so only this program uses the baseline
+        compiled, _ = trainer.compile_step(task, s, config, size)
     data = {k: jax.device_put(v, s.batch_shardings[k]) for k, v in data.items()}
     # from tokens: no state of its own; it runs on the image step's (same structure), which halves
     # the memory of the comparison (two d16 states did not fit a 23 GB machine)
@@ -313,7 +366,53 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--warmup', type=int, default=3, help='untimed steps first (default 3)')
     t.add_argument('--repeats', type=int, default=20, help='timed steps; the median is reported (default 20)')
     t.set_defaults(run=bench_train)
+
+    c = sub.add_parser('compare', help='var_jax against the official PyTorch code: same workloads, interleaved',
+                       allow_abbrev=False)
+    c.add_argument('--official', required=True, metavar='DIR',
+                   help='your checkout of FoundationVision/VAR (its models/ package is imported; needs torch)')
+    arch = c.add_mutually_exclusive_group()
+    arch.add_argument('--depth', type=int, default=16, help='official VAR-dD, 256 px, official tokenizer (default 16)')
+    arch.add_argument('--config', help='the VAR of a training config instead (e.g. configs/tiny.py)')
+    arch.add_argument('--tiny', action='store_true', help='a small official-layout pair (tests)')
+    c.add_argument('--batch', type=int, default=2, help='default 2')
+    c.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                   help='float32 (default) or bfloat16 (var_jax compute dtype; official autocast)')
+    c.add_argument('--threads', type=int, help='CPU threads of each side (default: every core this process may use)')
+    c.add_argument('--workloads', default='train,train_encode,sample,encode,decode',
+                   help='comma-separated, from train,train_encode,sample,encode,decode (default: all)')
+    c.add_argument('--warmup', type=int, default=1, help='untimed runs per side first (default 1)')
+    c.add_argument('--repeats', type=int, default=3, help='timed runs per side, interleaved (default 3)')
+    c.add_argument('--cfg', type=float, default=1.5, help='sampling guidance (default 1.5)')
+    c.add_argument('--top_k', type=int, default=900, help='sampling top-k (default 900; at most V)')
+    c.add_argument('--top_p', type=float, default=0.96, help='sampling top-p (default 0.96)')
+    c.add_argument('--seed', type=int, default=0)
+    c.add_argument('--json', metavar='FILE', help='also write the settings and every timed run as JSON')
+    c.set_defaults(run=_compare)
+
+    d = sub.add_parser('device', help='one-shot accelerator check (< 8 min): peak, train MFU, sampling, memory, '
+                                      'official side by side', allow_abbrev=False)
+    d.add_argument('--out', help='folder for the JSON (default: $OUT, else ./device_check)')
+    d.add_argument('--official', metavar='DIR', help='also compare with the official code of this checkout')
+    d.add_argument('--budget', type=float, help='seconds for all parts (default 450; --smoke 180)')
+    d.add_argument('--smoke', action='store_true', help='the same code path on the CPU with tiny models (CI)')
+    d.add_argument('--part', help=argparse.SUPPRESS)  # one part, in a child process
+    d.add_argument('--part_budget', type=float, help=argparse.SUPPRESS)
+    d.add_argument('--peak_tflops', type=float, help=argparse.SUPPRESS)
+    d.set_defaults(run=_device)
     return p
+
+
+def _device(args) -> int:
+    from var_jax.benchmarks import device  # noqa: PLC0415
+
+    return device.main(args)
+
+
+def _compare(args) -> int:
+    from var_jax.benchmarks import compare  # noqa: PLC0415  (imports torch only when run)
+
+    return compare.main(args)
 
 
 def main(argv=None) -> int:

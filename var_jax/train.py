@@ -159,6 +159,19 @@ class VARTask(trainer.Task):
         return sharding.put(self.vq_params, rep)
 
     # ------------------------------------------------------------------ update
+    def teacher_forcing(self, mb, vq):
+        """-> (VAR input x_BLCv_wo_first_l (B, L - pn_0^2, Cvae), target tokens (B, L)) of a
+        microbatch: its pre-tokenized `tokens` (data.source='tokens') or the frozen tokenizer's
+        encoding of its images (float32, no gradient). The benchmark
+        of VAR alone (`var_jax.benchmarks`) overrides this to read given tokens instead."""
+        if 'tokens' in mb:  # pre-tokenized: only the codebook lookups and resizes below, no encoder
+            flat = mb['tokens'].astype(jnp.int32)
+            idx_list = [flat[:, b:e] for b, e in scale_bounds(self.var_cfg.patch_nums)]
+        else:
+            idx_list, _ = vq.quantize.tokenize(vq.encode(trainer.images_to_float(mb['image'])))
+        x_in = jax.lax.stop_gradient(vq.quantize.idx_to_var_input(idx_list))
+        return x_in, jnp.concatenate(idx_list, axis=1)
+
     def train_step(self, state, batch, frozen, tx):
         cfg = self.var_cfg
         graphdef = nnx.split(abstract(cfg))[0]
@@ -167,14 +180,7 @@ class VARTask(trainer.Task):
         bounds = scale_bounds(cfg.patch_nums)
 
         def grad_fn(mb, key):
-            if 'tokens' in mb:  # pre-tokenized: only the codebook lookups and resizes below, no encoder
-                flat = mb['tokens'].astype(jnp.int32)
-                idx_list = [flat[:, b:e] for b, e in bounds]
-            else:
-                images = trainer.images_to_float(mb['image'])
-                idx_list, _ = vq.quantize.tokenize(vq.encode(images))  # float32, no gradient
-            x_in = jax.lax.stop_gradient(vq.quantize.idx_to_var_input(idx_list))
-            target = jnp.concatenate(idx_list, axis=1)
+            x_in, target = self.teacher_forcing(mb, vq)
 
             def loss_fn(params):
                 logits = nnx.merge(graphdef, params)(mb['label'], x_in, train=True, rng=key)
