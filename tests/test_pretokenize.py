@@ -25,16 +25,9 @@ from var_jax.models import VQVAEConfig, create
 
 from conftest import REPO, override, prepare_tiny_tfds
 
-TOK = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
-                  using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))
+from test_train import TOK, tokenizer_dir  # noqa: E402,F401  (the same tiny tokenizer and its fixture)
+
 L = 1 + 4 + 16
-
-
-@pytest.fixture(scope='module')
-def tokenizer_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp('tok') / 'ckpt'
-    checkpoint.save_model(d, vqvae=create(TOK, seed=3))
-    return d
 
 
 def tiny_config(tokenizer_dir, **kw):
