@@ -21,7 +21,7 @@ from PIL import Image
 
 from var_jax import checkpoint, config_lib, pretokenize, train, trainer
 from var_jax.data import pipeline, tokens
-from var_jax.models import VQVAEConfig, create
+from var_jax.models import create
 
 from conftest import REPO, override, prepare_tiny_tfds
 
