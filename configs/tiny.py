@@ -11,20 +11,20 @@ writes a sample grid and the built-in classifier scores (docs/builtin_default.md
 samples per class) so that the test finishes in a few minutes; it checks that the pipeline learns (about 31 %
 guided, chance 10 %), not how well.
 """
-from var_jax import config_lib
+from var_jax.training import configs
 
 
 def get_config(arg=None):
-    a = config_lib.parse_arg(arg, ci=False)
+    a = configs.parse_arg(arg, ci=False)
     # batch 8: on 2 CPU cores the step is about as fast per image as batch 16 or 32, and smaller
     # batches learn more per image seen (docs/builtin_default.md)
-    c = config_lib.var_recipe(depth=4, batch_size=8, epochs=0, tblr=2e-3, alng=1e-3, wpe=0.1)
+    c = configs.var_recipe(depth=4, batch_size=8, epochs=0, tblr=2e-3, alng=1e-3, wpe=0.1)
     c.total_steps = 4000
     c.model.update(width=128, num_heads=2, patch_nums=(1, 2, 3, 4, 6, 8), dtype='float32', drop_path_rate=0.0,
                    scan_layers=False)  # unrolled: 4 layers compile fast and run a little faster on CPU
-    c.data = config_lib.data_config(source='builtin', image_size=32, workers=0)
+    c.data = configs.data_config(source='builtin', image_size=32, workers=0)
     c.optim.update(lr=2e-3, wp_epochs=0.2, wd=0.05, wd_end=0.05)
-    c.tokenizer.train = config_lib.tokenizer_tiny()
+    c.tokenizer.train = configs.tokenizer_tiny()
     c.sample.update(classes=tuple(range(10)), per_class=8, cfg=5.0, top_k=0, top_p=0.0)
     c.log_every, c.checkpoint_every, c.eval_every = 100, 1000, 0
     c.evaluate, c.score_per_class = True, 100

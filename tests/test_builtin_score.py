@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from scipy import linalg
 
-from var_jax import checkpoint, evaluate
+from var_jax import evaluate
+from var_jax.io import checkpoint
 from var_jax.data import builtin
 from var_jax.eval import builtin_score, classifier
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from var_jax import cli
+from var_jax.utils import cli
 
 
 class _Exited(Exception):

@@ -1,7 +1,7 @@
 """Ordinary mistakes on the trainers' command line (issue 19.6): one `error:` line, exit code 2, no
 traceback, and no workdir left behind by a run that failed on its config or data.
 
-Also the typed preset parser `config_lib.parse_arg` the configs use (`configs/d16.py:runlocal`).
+Also the typed preset parser `configs.parse_arg` the configs use (`configs/d16.py:runlocal`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import sys
 
 import pytest
 
-from var_jax import checkpoint, config_lib
+from var_jax.io import checkpoint
+from var_jax.training import configs
 from var_jax.models import VQVAEConfig, create
 
 from conftest import REPO
@@ -23,15 +24,15 @@ CONFIGS = REPO / 'configs'
 
 # ---------------------------------------------------------------------------- parse_arg
 def test_parse_arg_types_and_defaults():
-    a = config_lib.parse_arg('runlocal,res=128,name=x,lr=0.5', runlocal=False, res=256, name='y', lr=1.0, big=True)
+    a = configs.parse_arg('runlocal,res=128,name=x,lr=0.5', runlocal=False, res=256, name='y', lr=1.0, big=True)
     assert (a.runlocal, a.res, a.name, a.lr, a.big) == (True, 128, 'x', 0.5, True)
     assert isinstance(a.res, int) and isinstance(a.lr, float)
-    b = config_lib.parse_arg(None, runlocal=False, res=256)
+    b = configs.parse_arg(None, runlocal=False, res=256)
     assert (b.runlocal, b.res) == (False, 256)
-    assert config_lib.parse_arg('', ci=False).ci is False
-    assert config_lib.parse_arg('ci=false', ci=True).ci is False
-    assert config_lib.parse_arg('n=3', n=(None, int)).n == 3  # (default, converter)
-    lazy = config_lib.parse_arg('runlocal,extra=3,word=abc', lazy=True, runlocal=False)
+    assert configs.parse_arg('', ci=False).ci is False
+    assert configs.parse_arg('ci=false', ci=True).ci is False
+    assert configs.parse_arg('n=3', n=(None, int)).n == 3  # (default, converter)
+    lazy = configs.parse_arg('runlocal,extra=3,word=abc', lazy=True, runlocal=False)
     assert (lazy.runlocal, lazy.extra, lazy.word) == (True, 3, 'abc')
 
 
@@ -44,7 +45,7 @@ def test_parse_arg_types_and_defaults():
 ])
 def test_parse_arg_rejects_unknown_and_bad_values(arg, match):
     with pytest.raises(ValueError, match=match):
-        config_lib.parse_arg(arg, runlocal=False, res=256)
+        configs.parse_arg(arg, runlocal=False, res=256)
 
 
 @pytest.mark.parametrize('name, arg', [('d16', 'runlocal'), ('tiny', 'ci'), ('tokenizer', 'runlocal'),
@@ -184,7 +185,7 @@ def test_late_config_error_removes_only_a_workdir_this_run_made(tokenizer_dir, t
 
 def test_guard_keeps_training_state_and_other_errors(tmp_path):
     def fail(w, exc, *files):
-        with pytest.raises(type(exc)), config_lib.fresh_workdir_guard(w):
+        with pytest.raises(type(exc)), configs.fresh_workdir_guard(w):
             for f in files:
                 (w / f).parent.mkdir(parents=True, exist_ok=True)
                 (w / f).write_text('x')

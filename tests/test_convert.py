@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from var_jax import checkpoint, convert
-from var_jax.state_dict import load_state_dict
+from var_jax import convert
+from var_jax.io import checkpoint
+from var_jax.io.state_dict import load_state_dict
 
 from conftest import REPO, fixture_dir
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from var_jax import config_lib
+from var_jax.training import configs
 from var_jax.data import images, pipeline
 
 from conftest import REPO
@@ -136,7 +136,7 @@ def test_16_bit_png_in_an_image_folder_is_not_clipped(tmp_path):
     (tmp_path / 'a').mkdir()
     v = np.tile(np.linspace(0, 65535, 40), (40, 1)).round().astype(np.uint16)  # full 16-bit range
     (tmp_path / 'a' / '0.png').write_bytes(sixteen_bit_png(v))
-    data = config_lib.data_config(source='imagefolder', path=str(tmp_path), image_size=32, workers=0)
+    data = configs.data_config(source='imagefolder', path=str(tmp_path), image_size=32, workers=0)
     it, _ = pipeline.make_dataset(data, split='train', local_batch=1, seed=0, train=False)
     batch = next(iter(it))
     img = batch['image'][0]
@@ -149,11 +149,11 @@ def test_16_bit_png_in_an_image_folder_is_not_clipped(tmp_path):
 
 def test_prefetch_buffers_are_bounded_in_bytes():
     for res, batch in ((256, 768), (512, 96), (256, 8), (32, 8)):
-        data = config_lib.data_config(image_size=res)
+        data = configs.data_config(image_size=res)
         opts = pipeline.read_options(data, batch)
         batch_bytes = batch * res * res * 3
         assert 1 <= opts.prefetch_buffer_size <= 16 and opts.num_threads == opts.prefetch_buffer_size
         assert opts.prefetch_buffer_size == 1 or opts.prefetch_buffer_size * batch_bytes <= data.buffer_mb * 2**20
-    assert pipeline.read_options(config_lib.data_config(image_size=32), 8).prefetch_buffer_size == 16
-    assert pipeline.read_options(config_lib.data_config(image_size=256), 768).prefetch_buffer_size == 7  # 144 MiB each
-    assert pipeline.read_options(config_lib.data_config(image_size=256, buffer_mb=64), 768).prefetch_buffer_size == 1
+    assert pipeline.read_options(configs.data_config(image_size=32), 8).prefetch_buffer_size == 16
+    assert pipeline.read_options(configs.data_config(image_size=256), 768).prefetch_buffer_size == 7  # 144 MiB each
+    assert pipeline.read_options(configs.data_config(image_size=256, buffer_mb=64), 768).prefetch_buffer_size == 1

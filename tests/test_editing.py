@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from var_jax.editing import free_tokens, torch_bilinear
+from var_jax.sampling.editing import free_tokens, torch_bilinear
 from var_jax.models import PATCH_NUMS_256
 
 # Forced-token masks (1 = keep the input's token) of the official demo_zero_shot_edit.ipynb:

@@ -15,8 +15,8 @@ import sys
 import numpy as np
 import pytest
 
-from var_jax import state_dict_legacy as legacy_torch
-from var_jax.state_dict import load_state_dict
+from var_jax.io import state_dict_legacy as legacy_torch
+from var_jax.io.state_dict import load_state_dict
 from var_jax.eval import adm, inception, inputs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

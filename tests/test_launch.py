@@ -610,9 +610,9 @@ def test_local_interrupt_stops_all(tmp_path):
 
 
 def test_local_jax_distributed_rehearsal(tmp_path):
-    """The env the launcher sets is what var_jax.distributed needs: 2 processes x 2 CPU devices."""
+    """The env the launcher sets is what var_jax.parallel.distributed needs: 2 processes x 2 CPU devices."""
     env = _standin(tmp_path, 'jax_ranks', '''
-        from var_jax.distributed import maybe_initialize
+        from var_jax.parallel.distributed import maybe_initialize
         assert maybe_initialize()
         import jax, jax.numpy as jnp, numpy as np
         from jax.experimental import multihost_utils

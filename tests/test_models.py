@@ -252,7 +252,7 @@ def test_attention_on_the_wrong_platform_is_a_one_line_error():
 def test_var_logits_and_gradients_equal_xla(tiny_var, impl, monkeypatch):
     """The whole model with another attention: same logits and parameter gradients as 'xla'.
     Groups of >= 4 tokens make the tiny model's 'blockwise' run a masked group and two unmasked."""
-    from var_jax.checkpoint import merge_params
+    from var_jax.io.checkpoint import merge_params
 
     monkeypatch.setattr(var_module, 'BLOCKWISE_MIN_TOKENS', 4)
     assert len(attention_groups(TINY_PNS, 4)) == 3

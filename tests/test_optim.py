@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from var_jax import convert, optim
+from var_jax import convert
+from var_jax.training import optim
 from var_jax.models import VARConfig, abstract
 
 from conftest import FIXTURES

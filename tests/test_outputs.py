@@ -13,9 +13,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from var_jax import checkpoint, convert, outputs
+from var_jax import convert
+from var_jax.io import checkpoint
+from var_jax.io import outputs
 from var_jax.data import images
-from var_jax.state_dict import load_state_dict
+from var_jax.io.state_dict import load_state_dict
 
 from conftest import TINY_VQ, fixture_dir
 

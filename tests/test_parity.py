@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from var_jax import sampling
-from var_jax.checkpoint import merge_params
+from var_jax.sampling import generate
+from var_jax.io.checkpoint import merge_params
 from var_jax.models.var import scale_bounds
 
 CFGS = (0.0, 1.5, 4.0)
@@ -62,7 +62,7 @@ def test_teacher_forced_logits_every_attention(official, attention):
 @pytest.mark.parametrize('cfg', CFGS)
 def test_greedy_guided_sampling(official, cfg):
     e = official.expected
-    images, idx, logits = sampling.sample(official.var, official.vqvae, e['labels'], jax.random.key(0), cfg=cfg,
+    images, idx, logits = generate.sample(official.var, official.vqvae, e['labels'], jax.random.key(0), cfg=cfg,
                                           top_k=1, top_p=0.0, return_logits=True)
     np.testing.assert_array_equal(_cat(idx), e[f'greedy_cfg{cfg}_idx'])
     _close(images, e[f'greedy_cfg{cfg}_img'], official.atol[f'greedy_cfg{cfg}_img'], 'image')
@@ -75,7 +75,7 @@ def test_sampler_logits_equal_teacher_forced(official):
     """KV-cached guided logits == CFG mix of teacher-forced cond/uncond logits on the same tokens."""
     e, var, vq = official.expected, official.var, official.vqvae
     cfg = 1.5
-    _, idx, logits = sampling.sample(var, vq, e['labels'], jax.random.key(0), cfg=cfg, top_k=1, top_p=0.0,
+    _, idx, logits = generate.sample(var, vq, e['labels'], jax.random.key(0), cfg=cfg, top_k=1, top_p=0.0,
                                      return_logits=True)
     var_input = vq.idx_to_var_input(idx)
     cond = np.asarray(var(e['labels'], var_input))

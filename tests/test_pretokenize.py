@@ -19,7 +19,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from var_jax import checkpoint, config_lib, pretokenize, train, trainer
+from var_jax import pretokenize, train
+from var_jax.io import checkpoint
+from var_jax.training import configs
+from var_jax.training import loop
 from var_jax.data import pipeline, tokens
 from var_jax.models import create
 
@@ -31,10 +34,10 @@ L = 1 + 4 + 16
 
 
 def tiny_config(tokenizer_dir, **kw):
-    c = config_lib.var_recipe(depth=2, batch_size=8, epochs=0, tblr=1e-4, alng=1e-3, wpe=0.1)
+    c = configs.var_recipe(depth=2, batch_size=8, epochs=0, tblr=1e-4, alng=1e-3, wpe=0.1)
     c.update(total_steps=2, log_every=1, checkpoint_every=2)
     c.model.update(width=64, num_heads=1, dtype='float32', drop_path_rate=0.0, num_classes=10)
-    c.data = config_lib.data_config(source='builtin', image_size=16, workers=0)
+    c.data = configs.data_config(source='builtin', image_size=16, workers=0)
     c.tokenizer.checkpoint = str(tokenizer_dir)
     c.optim.update(lr=3e-3, wp_epochs=0.001)
     c.sample.update(per_class=0)
@@ -62,7 +65,7 @@ def first_batch(config, n=8):
 
 def encode(tokenizer_dir, images):
     vq, _ = checkpoint.load_model(tokenizer_dir, tokenizer_only=True)
-    idx, _ = vq.quantize.tokenize(vq.encode(trainer.images_to_float(np.asarray(images))))
+    idx, _ = vq.quantize.tokenize(vq.encode(loop.images_to_float(np.asarray(images))))
     return np.concatenate([np.asarray(i) for i in idx], 1)
 
 
@@ -70,7 +73,7 @@ def one_step(config, batch):
     """Loss and updated parameters of one train step from a fresh state (seed 0)."""
     vq, _ = checkpoint.load_model(config.tokenizer.checkpoint, tokenizer_only=True)
     task = train.VARTask(config, '/nonexistent', tokenizer=vq)  # given tokenizer: nothing written
-    s = trainer.setup(task, config, dataset_size=16, image_size=16)
+    s = loop.setup(task, config, dataset_size=16, image_size=16)
     state = s.init_fn(jax.random.key(0))
     batch = {k: jax.device_put(np.asarray(batch[k]), s.batch_shardings[k]) for k in s.batch_shardings}
     state, m = s.step_fn(state, batch, s.frozen)
@@ -119,7 +122,7 @@ def test_other_tokenizer_or_settings_refused(tokenizer_dir, builtin_tokens, tmp_
         pretokenize.run(tiny_config(tokenizer_dir), str(builtin_tokens), views=2, batch=8, shard_size=8,
                         max_images=16)
     with pytest.raises(ValueError, match='a tokenizer needs images'):
-        config_lib.check(token_config(tokenizer_dir, builtin_tokens), 'tokenizer')
+        configs.check(token_config(tokenizer_dir, builtin_tokens), 'tokenizer')
 
 
 def test_interrupted_run_resumes_finished_shards(tokenizer_dir, tmp_path, monkeypatch):
@@ -162,7 +165,7 @@ def test_image_sources_views_flips_and_unreadable(tokenizer_dir, tmp_path, kind)
     views 2-3 a seeded crop and its mirror; unreadable images have no records and are counted."""
     root = tmp_path / 'images'
     if kind == 'tfds':
-        data = config_lib.data_config(source='tfds', name='var_jax_tiny', data_dir=str(prepare_tiny_tfds(root)),
+        data = configs.data_config(source='tfds', name='var_jax_tiny', data_dir=str(prepare_tiny_tfds(root)),
                                       image_size=16, workers=0, hflip=True)
         n, bad = 16, 1
     else:
@@ -172,7 +175,7 @@ def test_image_sources_views_flips_and_unreadable(tokenizer_dir, tmp_path, kind)
             for i in range(3):
                 Image.fromarray(rng.integers(0, 255, (20, 24, 3), np.uint8)).save(root / c / f'{i}.png')
         (root / 'b' / '1.png').write_bytes(b'not an image')
-        data = config_lib.data_config(source='imagefolder', path=str(root), image_size=16, workers=0, hflip=True)
+        data = configs.data_config(source='imagefolder', path=str(root), image_size=16, workers=0, hflip=True)
         n, bad = 6, 1
     c = tiny_config(tokenizer_dir)
     c.data = data

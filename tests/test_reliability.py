@@ -17,7 +17,10 @@ import time
 
 import pytest
 
-from var_jax import checkpoint, config_lib, train, trainer
+from var_jax import train
+from var_jax.io import checkpoint
+from var_jax.training import configs
+from var_jax.training import loop
 from var_jax.models import create
 
 from conftest import REPO
@@ -78,7 +81,7 @@ def test_a_damaged_newest_step_falls_back_to_the_intact_one(tokenizer_dir, train
     assert len(warn) == 1 and warn[0].startswith('warning: checkpoint step 4 is damaged'), r.stdout + r.stderr
     assert 'resuming from step 2' in warn[0] and 'Traceback' not in r.stderr
     assert 'resumed from' in r.stdout and 'at step 2' in r.stdout
-    kept = list((w / trainer.DAMAGED).iterdir())
+    kept = list((w / loop.DAMAGED).iterdir())
     assert len(kept) == 1 and kept[0].name.startswith('step-4-'), kept
     assert sorted(checkpoint.TrainCheckpointer(w, read_only=True).mngr.all_steps()) == [2, 4, 6]
     assert sorted(s for s in losses(w) if s > 2) == [3, 4, 5, 6]
@@ -88,7 +91,7 @@ def test_a_config_mismatch_is_not_taken_for_damage(tokenizer_dir, trained, tmp_p
     w = copy_of(trained, tmp_path)
     with pytest.raises(ValueError, match='cannot restore step 4'):
         train.run(tiny_config(tokenizer_dir, total_steps=6, **{'model.width': 128}), w)
-    assert not (w / trainer.DAMAGED).exists(), 'nothing is moved aside when no older step restores either'
+    assert not (w / loop.DAMAGED).exists(), 'nothing is moved aside when no older step restores either'
     assert sorted(checkpoint.TrainCheckpointer(w, read_only=True).mngr.all_steps()) == [2, 4]
 
 
@@ -102,14 +105,14 @@ def test_another_tokenizer_on_a_rerun_is_an_error(trained, tmp_path):
     assert str(other) in str(e.value) and 'copy of' in str(e.value)
     # asking to train one where the workdir holds a copy is the same mistake
     c = tiny_config(other, total_steps=6, **{'tokenizer.checkpoint': ''})
-    c.tokenizer.train = config_lib.tokenizer_tiny()
+    c.tokenizer.train = configs.tokenizer_tiny()
     with pytest.raises(ValueError, match='copy of'):
         train.run(c, w)
 
 
 def test_retraining_the_tokenizer_under_a_trained_var_is_an_error(trained, tmp_path):
     w = copy_of(trained, tmp_path)
-    tok = config_lib.tokenizer_tiny()
+    tok = configs.tokenizer_tiny()
     tok.total_steps = 600
     # the workdir as a chained run leaves it: a tokenizer trained here (its config.json) under VAR steps
     local = w / train.TOKENIZER_DIR
@@ -118,7 +121,7 @@ def test_retraining_the_tokenizer_under_a_trained_var_is_an_error(trained, tmp_p
     checkpoint.write_model_json(local, vqvae=TOK, var=None)
     (local / 'config.json').write_text(tok.to_json_best_effort())
     c = tiny_config(w, total_steps=6, **{'tokenizer.checkpoint': ''})
-    c.tokenizer.train = config_lib.tokenizer_tiny()
+    c.tokenizer.train = configs.tokenizer_tiny()
     c.tokenizer.train.total_steps = 800
     with pytest.raises(ValueError, match=r'total_steps 600 -> 800'):
         train.run(c, w)
@@ -127,8 +130,8 @@ def test_retraining_the_tokenizer_under_a_trained_var_is_an_error(trained, tmp_p
 # ---------------------------------------------------------------------------- 19.4 one run per workdir
 HOLDER = '''
 import sys, time
-from var_jax import trainer
-with trainer.workdir_lock(sys.argv[1]):
+from var_jax.training import loop
+with loop.workdir_lock(sys.argv[1]):
     print('holding', flush=True)
     time.sleep(600)
 '''
@@ -156,12 +159,12 @@ def test_a_second_run_on_the_same_workdir_is_refused(tokenizer_dir, trained, tmp
 
 
 def test_the_lock_is_reentrant_in_one_process_and_released(tmp_path):
-    with trainer.workdir_lock(tmp_path):
-        with trainer.workdir_lock(tmp_path):  # train.run holds it around the tokenizer and VAR phases
+    with loop.workdir_lock(tmp_path):
+        with loop.workdir_lock(tmp_path):  # train.run holds it around the tokenizer and VAR phases
             pass
-        info = json.loads((tmp_path / trainer.LOCK_FILE).read_text())
+        info = json.loads((tmp_path / loop.LOCK_FILE).read_text())
         assert info['pid'] == os.getpid() and info['host']
-    with trainer.workdir_lock(tmp_path):
+    with loop.workdir_lock(tmp_path):
         pass
 
 
@@ -181,7 +184,7 @@ def test_a_signal_stop_exits_with_the_requeue_code(tokenizer_dir, tmp_path):  # 
     finally:
         if p.poll() is None:
             p.kill()
-    assert p.returncode == trainer.EXIT_STOPPED == 75, err[-3000:]
+    assert p.returncode == loop.EXIT_STOPPED == 75, err[-3000:]
     assert 'stopped by signal at step' in out
     assert checkpoint.TrainCheckpointer(w, read_only=True).latest_step() is not None
 
@@ -206,10 +209,10 @@ def test_dry_run_of_the_default_config(tmp_path):
 
 def test_dry_run_says_what_fits(tokenizer_dir, tmp_path):  # noqa: F811
     c = tiny_config(tokenizer_dir, batch_size=64, **{'model.scan_layers': True})
-    base = trainer.run(train.VARTask(c, tmp_path / 'w', dry_run=True), c, tmp_path / 'w', dry_run=True)
+    base = loop.run(train.VARTask(c, tmp_path / 'w', dry_run=True), c, tmp_path / 'w', dry_run=True)
     need = base['bytes_per_device']
     # a device a little smaller than the recipe needs: some setting must bring it under
-    out = trainer.run(train.VARTask(c, tmp_path / 'w', dry_run=True), c, tmp_path / 'w', dry_run=True,
+    out = loop.run(train.VARTask(c, tmp_path / 'w', dry_run=True), c, tmp_path / 'w', dry_run=True,
                       device_memory_gib=0.9 * need / 2 ** 30)
     assert out['fits'] is False
     fit = out['suggestion']

@@ -17,7 +17,9 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from var_jax import checkpoint, editing, sampling
+from var_jax.io import checkpoint
+from var_jax.sampling import editing
+from var_jax.sampling import generate
 from var_jax import edit as edit_cli
 from var_jax import sample as sample_cli
 from var_jax.models import abstract
@@ -91,10 +93,10 @@ def test_grid_progression_and_seeds(ckpt, tmp_path, capsys):
     args = ['--classes', '3,5', '--per_class', 2, '--batch_size', 8]
     sample(ckpt, capsys, *args, '--out', a)
     first = a.read_bytes()
-    traces = sampling.TRACE_COUNT['generate']
+    traces = generate.TRACE_COUNT['generate']
     sample(ckpt, capsys, *args, '--out', a, '--force')  # overwrites
     sample(ckpt, capsys, *args, '--out', c, '--seed', 1)
-    assert sampling.TRACE_COUNT['generate'] == traces, 'same batch shape must not retrace'
+    assert generate.TRACE_COUNT['generate'] == traces, 'same batch shape must not retrace'
     assert a.read_bytes() == first, 'same seed and settings must give the same grid'
     assert not np.array_equal(png(a), png(c))
     grid = png(a)

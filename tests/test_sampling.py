@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from var_jax import sampling
-from var_jax.sampling import filter_logits
+from var_jax.sampling import generate
+from var_jax.sampling.generate import filter_logits
 
 from conftest import TINY_VAR
 
@@ -50,8 +50,8 @@ def test_top_of_the_sort_keeps_the_stable_tie_order():
     logits = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
     logits[0, [3, 9, 40, 41]] = 5.0  # tied maximum: the stable ascending sort puts 3 first, 41 last
     logits[1, 20:30] = np.sort(logits[1])[-12]  # a tie group straddling the 24th largest
-    srt, order = sampling._sorted_top(jnp.asarray(logits), *jax.lax.top_k(jnp.asarray(logits)[:, ::-1], 24))
-    srt_ref, order_ref = sampling._sorted_full(jnp.asarray(logits))
+    srt, order = generate._sorted_top(jnp.asarray(logits), *jax.lax.top_k(jnp.asarray(logits)[:, ::-1], 24))
+    srt_ref, order_ref = generate._sorted_full(jnp.asarray(logits))
     np.testing.assert_array_equal(srt[:, -24:], srt_ref[:, -24:])
     np.testing.assert_array_equal(order[:, -24:], order_ref[:, -24:])
     assert np.asarray(order)[0, -4:].tolist() == [3, 9, 40, 41]
@@ -69,32 +69,32 @@ def test_filter_edge_cases():
 def test_top_k_limits_the_support():
     logits = jnp.asarray(np.random.default_rng(0).normal(size=(1, 32)), jnp.float32)
     keys = jax.random.split(jax.random.key(0), 400)
-    toks = jax.vmap(lambda k: sampling.sample_tokens(k, logits, 2, 0.0)[0])(keys)
+    toks = jax.vmap(lambda k: generate.sample_tokens(k, logits, 2, 0.0)[0])(keys)
     assert set(np.unique(toks)) == set(np.argsort(np.asarray(logits[0]))[-2:])
 
 
 def test_sample_shapes_seeds_and_no_recompile(tiny_var, tiny_vqvae):
     labels = np.array([3, 7, 3])
-    img, idx = sampling.sample(tiny_var, tiny_vqvae, labels, jax.random.key(0), cfg=1.5, top_k=10, top_p=0.9)
+    img, idx = generate.sample(tiny_var, tiny_vqvae, labels, jax.random.key(0), cfg=1.5, top_k=10, top_p=0.9)
     assert img.shape == (3, 8, 8, 3) and img.dtype == jnp.float32
     assert float(img.min()) >= 0 and float(img.max()) <= 1
     assert [i.shape for i in idx] == [(3, p * p) for p in TINY_VAR.patch_nums]
-    traces = sampling.TRACE_COUNT['generate']
-    img2, idx2 = sampling.sample(tiny_var, tiny_vqvae, labels, jax.random.key(0), cfg=1.5, top_k=10, top_p=0.9)
+    traces = generate.TRACE_COUNT['generate']
+    img2, idx2 = generate.sample(tiny_var, tiny_vqvae, labels, jax.random.key(0), cfg=1.5, top_k=10, top_p=0.9)
     np.testing.assert_array_equal(img, img2)
-    sampling.sample(tiny_var, tiny_vqvae, labels, jax.random.key(1), cfg=3.0, top_k=0, top_p=0.0)
-    assert sampling.TRACE_COUNT['generate'] == traces, 'same shapes must not retrace'
-    img3, _ = sampling.sample(tiny_var, tiny_vqvae, labels, jax.random.key(5), cfg=1.5, top_k=10, top_p=0.9)
+    generate.sample(tiny_var, tiny_vqvae, labels, jax.random.key(1), cfg=3.0, top_k=0, top_p=0.0)
+    assert generate.TRACE_COUNT['generate'] == traces, 'same shapes must not retrace'
+    img3, _ = generate.sample(tiny_var, tiny_vqvae, labels, jax.random.key(5), cfg=1.5, top_k=10, top_p=0.9)
     assert not np.array_equal(img, img3)
 
 
 def test_cfg_zero_skips_the_null_class_rows_without_changing_samples(tiny_var, tiny_vqvae):
     labels = np.array([1, 4, 9])
-    img, idx, logits = sampling.sample(tiny_var, tiny_vqvae, labels, jax.random.key(2), cfg=0.0, top_k=5,
+    img, idx, logits = generate.sample(tiny_var, tiny_vqvae, labels, jax.random.key(2), cfg=0.0, top_k=5,
                                        top_p=0.0, return_logits=True)
     # the doubled-batch program with a (traced) guidance of 0: the same logits and tokens
-    keys = sampling.row_keys(jax.random.key(2), 3)
-    img2, idx2, _, logits2 = sampling._sample_jit(tiny_var, tiny_vqvae, jnp.asarray(labels, jnp.int32), keys,
+    keys = generate.row_keys(jax.random.key(2), 3)
+    img2, idx2, _, logits2 = generate._sample_jit(tiny_var, tiny_vqvae, jnp.asarray(labels, jnp.int32), keys,
                                                   jnp.float32(0), jnp.int32(5), jnp.float32(0), return_logits=True)
     np.testing.assert_allclose(logits, logits2, atol=1e-5)
     for a, b in zip(idx, idx2):
@@ -104,15 +104,15 @@ def test_cfg_zero_skips_the_null_class_rows_without_changing_samples(tiny_var, t
 
 def test_rows_do_not_depend_on_the_batch(tiny_var, tiny_vqvae):
     keys = jax.random.split(jax.random.key(0), 4)
-    _, a = sampling.sample(tiny_var, tiny_vqvae, np.array([1, 2, 3, 4]), keys, cfg=2.0, top_k=0, top_p=0.0)
-    _, b = sampling.sample(tiny_var, tiny_vqvae, np.array([3, 1]), keys[jnp.array([2, 0])], cfg=2.0, top_k=0,
+    _, a = generate.sample(tiny_var, tiny_vqvae, np.array([1, 2, 3, 4]), keys, cfg=2.0, top_k=0, top_p=0.0)
+    _, b = generate.sample(tiny_var, tiny_vqvae, np.array([3, 1]), keys[jnp.array([2, 0])], cfg=2.0, top_k=0,
                            top_p=0.0)
     for x, y in zip(a, b):
         np.testing.assert_array_equal(np.asarray(x)[[2, 0]], y)
 
 
 def test_more_smooth(tiny_var, tiny_vqvae):
-    img, idx = sampling.sample(tiny_var, tiny_vqvae, np.array([0, 1]), jax.random.key(0), cfg=1.0, top_k=5,
+    img, idx = generate.sample(tiny_var, tiny_vqvae, np.array([0, 1]), jax.random.key(0), cfg=1.0, top_k=5,
                                top_p=0.9, more_smooth=True)
     assert img.shape == (2, 8, 8, 3) and bool(jnp.isfinite(img).all())
 
@@ -125,7 +125,7 @@ def test_bad_sampling_arguments(tiny_var, tiny_vqvae, kw, match):
     args = dict(labels=[0, 1], cfg=1.5, top_k=5, top_p=0.9) | kw
     labels = np.asarray(args.pop('labels'), np.int32)
     with pytest.raises(ValueError, match=match):
-        sampling.sample(tiny_var, tiny_vqvae, labels, jax.random.key(0), **args)
+        generate.sample(tiny_var, tiny_vqvae, labels, jax.random.key(0), **args)
 
 
 # Exact tokens of the tiny model (seed 1; tokenizer seed 0) for labels [3, 7] and key(11), recorded
@@ -159,7 +159,7 @@ def small_capacity(monkeypatch):
     """filter_logits' top_k path with the tiny vocabulary (64): capacity 24 < V. The capacity is
     read while tracing, so jit caches are cleared before and after."""
     jax.clear_caches()
-    monkeypatch.setattr(sampling, 'TOP_K_CAPACITY', 24)
+    monkeypatch.setattr(generate, 'TOP_K_CAPACITY', 24)
     yield 24
     jax.clear_caches()
 
@@ -167,7 +167,7 @@ def small_capacity(monkeypatch):
 @pytest.mark.parametrize('setting', sorted(PINNED))
 def test_pinned_tokens(tiny_var, tiny_vqvae, setting):
     cfg, top_k, top_p, more_smooth = setting
-    _, idx = sampling.sample(tiny_var, tiny_vqvae, np.array([3, 7]), jax.random.key(11), cfg=cfg, top_k=top_k,
+    _, idx = generate.sample(tiny_var, tiny_vqvae, np.array([3, 7]), jax.random.key(11), cfg=cfg, top_k=top_k,
                              top_p=top_p, more_smooth=more_smooth)
     assert np.concatenate([np.asarray(i) for i in idx], 1).tolist() == PINNED[setting]
 
@@ -188,7 +188,7 @@ def test_top_k_path_equals_the_full_sort(top_k, top_p, small_capacity):
     logits[1, 0, 10:14] = logits[1, 0].max()  # ties at the top
     srt, order = filter_logits(jnp.asarray(logits), top_k, top_p)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(sampling, 'TOP_K_CAPACITY', 4096)
+        m.setattr(generate, 'TOP_K_CAPACITY', 4096)
         srt_ref, order_ref = filter_logits(jnp.asarray(logits), top_k, top_p)
     np.testing.assert_array_equal(srt, srt_ref)
     finite = np.isfinite(np.asarray(srt_ref))
@@ -202,8 +202,8 @@ def test_top_of_the_sort_keeps_the_stable_tie_order():
     logits = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
     logits[0, [3, 9, 40, 41]] = 5.0  # tied maximum: the stable ascending sort puts 3 first, 41 last
     logits[1, 20:30] = np.sort(logits[1])[-12]  # a tie group straddling the 24th largest
-    srt, order = sampling._sorted_top(jnp.asarray(logits), *jax.lax.top_k(jnp.asarray(logits)[:, ::-1], 24))
-    srt_ref, order_ref = sampling._sorted_full(jnp.asarray(logits))
+    srt, order = generate._sorted_top(jnp.asarray(logits), *jax.lax.top_k(jnp.asarray(logits)[:, ::-1], 24))
+    srt_ref, order_ref = generate._sorted_full(jnp.asarray(logits))
     np.testing.assert_array_equal(srt[:, -24:], srt_ref[:, -24:])
     np.testing.assert_array_equal(order[:, -24:], order_ref[:, -24:])
     assert np.asarray(order)[0, -4:].tolist() == [3, 9, 40, 41]

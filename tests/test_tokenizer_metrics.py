@@ -21,7 +21,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from var_jax import checkpoint
+from var_jax.io import checkpoint
 from var_jax import evaluate as cli
 from var_jax.data import builtin
 from var_jax.data.pipeline import FolderSource, make_dataset

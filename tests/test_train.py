@@ -22,7 +22,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from var_jax import checkpoint, config_lib, metrics, train
+from var_jax import train
+from var_jax.io import checkpoint
+from var_jax.training import configs
+from var_jax.utils import metrics
 from var_jax.models import VAR, VQVAEConfig, create
 
 from conftest import REPO, no_jit_cache, override, prepare_tiny_tfds
@@ -40,10 +43,10 @@ def tokenizer_dir(tmp_path_factory):
 
 
 def tiny_config(tokenizer_dir, **kw):
-    c = config_lib.var_recipe(depth=2, batch_size=16, epochs=0, tblr=1e-4, alng=1e-3, wpe=0.1)
+    c = configs.var_recipe(depth=2, batch_size=16, epochs=0, tblr=1e-4, alng=1e-3, wpe=0.1)
     c.update(OVERRIDES)
     c.model.update(width=64, num_heads=1, dtype='float32', drop_path_rate=0.0)
-    c.data = config_lib.data_config(source='builtin', image_size=16, workers=0)
+    c.data = configs.data_config(source='builtin', image_size=16, workers=0)
     c.tokenizer.checkpoint = str(tokenizer_dir)
     c.optim.update(lr=3e-3, wp_epochs=0.001)
     c.sample.update(per_class=0)
@@ -149,7 +152,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, layout, capsys):
     root = tmp_path / 'images'
     rng = np.random.default_rng(0)
     if layout == 'tfds':
-        data = config_lib.data_config(source='tfds', name='var_jax_tiny', data_dir=str(prepare_tiny_tfds(root)),
+        data = configs.data_config(source='tfds', name='var_jax_tiny', data_dir=str(prepare_tiny_tfds(root)),
                                       image_size=16, workers=0)
     else:
         for c in ('a', 'b'):
@@ -163,7 +166,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, layout, capsys):
                 f.rename(root / f'{f.parent.name}{f.name}')
             for c in ('a', 'b'):
                 (root / c).rmdir()
-        data = config_lib.data_config(source='imagefolder', path=str(root), image_size=16, workers=0)
+        data = configs.data_config(source='imagefolder', path=str(root), image_size=16, workers=0)
     tok = VQVAEConfig(vocab_size=32, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
                       using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))
     checkpoint.save_model(tmp_path / 'tok', vqvae=create(tok, seed=1))

@@ -9,14 +9,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from var_jax import checkpoint, config_lib, metrics, train_tokenizer
+from var_jax import train_tokenizer
+from var_jax.io import checkpoint
+from var_jax.training import configs
+from var_jax.utils import metrics
 from var_jax.models import create
 
 from conftest import override
 
 
 def tiny_config(**kw):
-    c = config_lib.tokenizer_tiny()
+    c = configs.tokenizer_tiny()
     c.model.update(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), patch_nums=(1, 2, 4))
     c.data.image_size = 16
     c.update(batch_size=16, total_steps=6, log_every=1, checkpoint_every=3, eval_batches=1)

@@ -9,7 +9,7 @@
     python -m var_jax.bench device [--out DIR] [--official DIR] [--smoke]
 
 `sample` times class-conditional sampling on one device, as images per second for each batch
-size, with the transformer (`sampling.generate_fhat`: all scales, KV cache, guidance with the
+size, with the transformer (`generate.generate_fhat`: all scales, KV cache, guidance with the
 batch doubled, top-k/top-p) and the tokenizer decode (`vqvae.decode`) timed separately.
 Compilation is excluded: each part is first run `--warmup` times (the first run compiles), then
 `--repeats` timed runs, each ended by `block_until_ready`; the table gives the median.
@@ -59,7 +59,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from var_jax import cli, config_lib, sampling
+from var_jax.utils import cli
+from var_jax.training import configs
+from var_jax.sampling import generate
 from var_jax.models import VARConfig, VQVAEConfig, create, var_config, vqvae_config
 from var_jax.models.config import ATTENTION
 from var_jax.sample import Parser, check_settings
@@ -81,7 +83,7 @@ def preset(name: str, dtype: str) -> tuple[VQVAEConfig, VARConfig]:
 def build_models(args):
     """-> (vqvae, var, description) from --model (random weights) or --checkpoint."""
     if args.checkpoint:
-        from var_jax.checkpoint import merge_params  # noqa: PLC0415
+        from var_jax.io.checkpoint import merge_params  # noqa: PLC0415
         from var_jax.sample import open_checkpoint  # noqa: PLC0415
 
         ck = open_checkpoint(args.checkpoint, args.step)
@@ -128,7 +130,7 @@ def bench_sample(args) -> int:
         key = jax.random.key(args.seed)
         print(f'batch {b}: transformer ...', file=sys.stderr, flush=True)
         gen_first, gen, (_, f_hat) = timed(
-            lambda: sampling.generate_fhat(var, vqvae, labels, key, s.cfg, s.top_k, s.top_p), args.warmup, args.repeats)
+            lambda: generate.generate_fhat(var, vqvae, labels, key, s.cfg, s.top_k, s.top_p), args.warmup, args.repeats)
         print(f'batch {b}: decode ...', file=sys.stderr, flush=True)
         dec_first, dec, _ = timed(lambda: _decode(vqvae, f_hat), args.warmup, args.repeats)
         g, d = statistics.median(gen), statistics.median(dec)
@@ -160,7 +162,7 @@ def load_config(spec: str):
 
 
 def is_tokenizer_config(config) -> bool:
-    """Tokenizer configs (config_lib.tokenizer_recipe) carry codebook settings; VAR configs do not."""
+    """Tokenizer configs (configs.tokenizer_recipe) carry codebook settings; VAR configs do not."""
     return 'codebook' in config
 
 
@@ -170,7 +172,7 @@ def tokenizer_config(config) -> VQVAEConfig:
 
     t = config.tokenizer.get('train')
     return vqvae_config_from(t.model) if t and 'model' in t else vqvae_config(
-        patch_nums=config_lib.patch_nums_of(config.model))
+        patch_nums=configs.patch_nums_of(config.model))
 
 
 def _one_device_config(config, batch: int, vq_cfg: VQVAEConfig | None = None):
@@ -200,11 +202,12 @@ def _train_step_program(config, batch: int, baseline: bool, from_tokens: bool = 
     """-> (compiled step, initial state, one batch, frozen params, model description).
 
     The step is the one `var_jax.train` (a VAR config) or `var_jax.train_tokenizer` (a tokenizer
-    config) runs, built by the same `trainer.setup` / `trainer.compile_step`. `tokenizer`: the
+    config) runs, built by the same `loop.setup` / `loop.compile_step`. `tokenizer`: the
     VQVAE a VAR config encodes with (default `tokenizer_config`). `var_alone`: the VAR step without
-    the encode, fed random teacher-forcing input and targets (jitted on one device as `trainer.setup`
+    the encode, fed random teacher-forcing input and targets (jitted on one device as `loop.setup`
     does, with the batch's two extra arrays)."""
-    from var_jax import sharding, trainer  # noqa: PLC0415
+    from var_jax.parallel import sharding
+    from var_jax.training import loop  # noqa: PLC0415
     from var_jax.models import var as var_module  # noqa: PLC0415
     from var_jax.train import VARTask  # noqa: PLC0415
     from var_jax.train_tokenizer import TokenizerTask, vqvae_config_from  # noqa: PLC0415
@@ -229,7 +232,7 @@ def _train_step_program(config, batch: int, baseline: bool, from_tokens: bool = 
         what = (f'VAR depth {c.depth} width {c.C}, {c.L} tokens, {c.dtype}; ' +
                 ('no tokenizer (given tokens)' if var_alone else f'tokenizer ch {vq_cfg.ch}, {vq_cfg.image_size} px'))
     size = vq_cfg.image_size
-    s = trainer.setup(task, config, dataset_size=int(config.data.get('size_hint', trainer.IMAGENET_TRAIN)),
+    s = loop.setup(task, config, dataset_size=int(config.data.get('size_hint', loop.IMAGENET_TRAIN)),
                       image_size=size)
     rng = np.random.default_rng(0)
     spec = task.batch_spec(batch, size)
@@ -245,12 +248,12 @@ def _train_step_program(config, batch: int, baseline: bool, from_tokens: bool = 
         data = jax.device_put(data, s.batch_shardings['label'])
         state = s.init_fn(jax.random.key(0))
         with sharding.use_mesh(s.mesh):
-            compiled = jax.jit(trainer._guarded(task, s.tx), donate_argnums=0).lower(state, data, s.frozen).compile()
+            compiled = jax.jit(loop._guarded(task, s.tx), donate_argnums=0).lower(state, data, s.frozen).compile()
         return compiled, state, data, s.frozen, what
     patch = (mock.patch.object(var_module, 'layer_norm', var_module.layer_norm_autodiff) if baseline
              else contextlib.nullcontext())
     with patch:  # the norm is looked up while tracing, so only this program uses the baseline
-        compiled, _ = trainer.compile_step(task, s, config, size)
+        compiled, _ = loop.compile_step(task, s, config, size)
     data = {k: jax.device_put(v, s.batch_shardings[k]) for k, v in data.items()}
     # from tokens: no state of its own; it runs on the image step's (same structure), which halves
     # the memory of the comparison (two d16 states did not fit a 23 GB machine)
@@ -265,7 +268,7 @@ def bench_train(args) -> int:
     tokenizer = is_tokenizer_config(config)
     if args.attention and not tokenizer:
         config.model.attention = args.attention
-    config_lib.check(config, 'tokenizer' if tokenizer else 'var')
+    configs.check(config, 'tokenizer' if tokenizer else 'var')
     if tokenizer and (args.baseline or args.attention or args.tokens):
         raise ValueError('--baseline, --attention and --tokens change the VAR step; a tokenizer config has none')
     if args.tokens and args.baseline:

@@ -10,7 +10,7 @@ dropped and recomputed. Unknown, missing or mis-shaped keys raise `ValueError` n
 official key (and both shapes, in the official layout); each architecture dimension is read from
 several keys and the majority wins, so one damaged key is reported as itself. NaN / Inf weights
 are refused. --force replaces only a previous converted checkpoint (model.json and params/),
-never another directory (var_jax.outputs).
+never another directory (var_jax.io.outputs).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from flax import nnx
 
 from var_jax.models import (PATCH_NUMS_256, PATCH_NUMS_512, VAR, VQVAE, VARConfig, VQVAEConfig, abstract,
                             check_pair)
-from var_jax.state_dict import load_state_dict
+from var_jax.io.state_dict import load_state_dict
 
 VAE_BUFFERS = ('quantize.ema_vocab_hit_SV',)
 VAR_BUFFERS = re.compile(r'^(lvl_1L|attn_bias_for_masking|blocks\.\d+\.attn\.zero_k_bias)$')
@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     p.add_argument('--force', action='store_true',
                    help='replace --out if it is a previous converted checkpoint (never any other directory)')
     args = p.parse_args(argv)
-    from var_jax import checkpoint  # noqa: PLC0415  (keeps `load_official` free of Orbax)
+    from var_jax.io import checkpoint  # noqa: PLC0415  (keeps `load_official` free of Orbax)
     try:
         checkpoint.check_model_output(args.out, overwrite=args.force)  # before any work: nothing lost
         pns = tuple(int(x) for x in args.patch_nums.split(',')) if args.patch_nums else None

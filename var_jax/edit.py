@@ -1,4 +1,4 @@
-"""Zero-shot in-painting, out-painting and class-conditional editing of one image (var_jax.editing).
+"""Zero-shot in-painting, out-painting and class-conditional editing of one image (var_jax.sampling.editing).
 
     python -m var_jax.edit --checkpoint DIR --image in.png --mask mask.png --class 207 --out out.png \\
         [--mode inpaint|outpaint|edit] [--cfg 3 --top_k 900 --top_p 0.95 --seed 0 --more_smooth]
@@ -13,7 +13,7 @@ mark the region the mode is about:
                          unconditional unless --class is given
     edit                 white = the region to redraw as --class (required)
 
-Outside the generated region the input's tokens are forced at every scale; see var_jax.editing for
+Outside the generated region the input's tokens are forced at every scale; see var_jax.sampling.editing for
 how the mask becomes a token mask per scale. Sampling defaults follow the call in the official
 demo_zero_shot_edit.ipynb: cfg 3, top_k 900, top_p 0.95, with --more_smooth. The output is the
 edited S x S image, in the format --out's suffix names (.png, .jpg, ...); an existing file is
@@ -28,7 +28,9 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
-from var_jax import cli, editing, outputs
+from var_jax.utils import cli
+from var_jax.sampling import editing
+from var_jax.io import outputs
 from var_jax.data.images import to_l8, to_rgb8
 from var_jax.sample import Parser, add_sampling_flags, check_settings, open_checkpoint
 

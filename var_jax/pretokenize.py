@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from var_jax import cli
+from var_jax.utils import cli
 
 HELP_VIEWS = 'crops per image (the first centred, the others at seeded random positions); x2 with config.data.hflip'
 
@@ -38,7 +38,8 @@ def resolve_tokenizer(config, workdir: str | None) -> str:
     if config.tokenizer.checkpoint:
         return str(config.tokenizer.checkpoint)
     if workdir:
-        from var_jax import checkpoint, train  # noqa: PLC0415
+        from var_jax import train
+        from var_jax.io import checkpoint  # noqa: PLC0415
 
         local = os.path.join(workdir, train.TOKENIZER_DIR)
         if os.path.exists(os.path.join(local, checkpoint.MODEL_FILE)):
@@ -116,7 +117,8 @@ def make_encoder(vqvae, batch: int):
     import jax.numpy as jnp  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
-    from var_jax import sharding, trainer  # noqa: PLC0415
+    from var_jax.parallel import sharding
+    from var_jax.training import loop  # noqa: PLC0415
 
     mesh = sharding.make_mesh(data=-1, devices=jax.local_devices())
     n = mesh.devices.size
@@ -128,7 +130,7 @@ def make_encoder(vqvae, batch: int):
     @jax.jit
     def fn(params, images):
         vq = nnx.merge(graphdef, params)
-        idx_list, _ = vq.quantize.tokenize(vq.encode(trainer.images_to_float(images)))  # as in VARTask.train_step
+        idx_list, _ = vq.quantize.tokenize(vq.encode(loop.images_to_float(images)))  # as in VARTask.train_step
         return jnp.concatenate(idx_list, axis=1)
 
     def encode(images: np.ndarray) -> np.ndarray:
@@ -141,7 +143,7 @@ def make_encoder(vqvae, batch: int):
 
 
 def _progress(done: int, total: int, shard: int, shards: int, t0: float, new: int) -> None:
-    from var_jax import metrics  # noqa: PLC0415
+    from var_jax.utils import metrics  # noqa: PLC0415
 
     el = time.time() - t0
     rate = new / el if el > 0 and new > 0 else 0.0
@@ -156,12 +158,13 @@ def run(config, out: str, *, views: int = 1, workdir: str | None = None, batch: 
     from array_record.python import array_record_module  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
-    from var_jax import checkpoint, config_lib  # noqa: PLC0415
+    from var_jax.io import checkpoint
+    from var_jax.training import configs  # noqa: PLC0415
     from var_jax.data import pipeline, tokens  # noqa: PLC0415
 
     if config.data.source == 'tokens':
         raise ValueError('pretokenize reads images: set --config.data.source to builtin, imagefolder or tfds')
-    config_lib.check(config, 'var')
+    configs.check(config, 'var')
     if views < 1 or batch < 1 or shard_size < 1 or max_images < 0:
         raise ValueError('--views, --batch and --shard_size must be >= 1 and --max_images >= 0')
     if os.path.exists(out) and not os.path.isdir(out):
@@ -169,7 +172,7 @@ def run(config, out: str, *, views: int = 1, workdir: str | None = None, batch: 
     tok_path = resolve_tokenizer(config, workdir)
     vqvae, _ = checkpoint.load_model(tok_path, tokenizer_only=True)
     vq_cfg = vqvae.config
-    pns = config_lib.patch_nums_of(config.model)
+    pns = configs.patch_nums_of(config.model)
     if config.model.patch_nums and tuple(pns) != tuple(vq_cfg.patch_nums):
         raise ValueError(f'config.model.patch_nums {tuple(pns)} differ from the tokenizer\'s {vq_cfg.patch_nums}')
     if config.data.image_size != vq_cfg.image_size:

@@ -59,7 +59,12 @@ from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from var_jax import checkpoint, cli, metrics, outputs, sampling, viz
+from var_jax.io import checkpoint
+from var_jax.utils import cli
+from var_jax.utils import metrics
+from var_jax.io import outputs
+from var_jax.sampling import generate
+from var_jax.utils import viz
 
 PRESETS = {
     'official': dict(cfg=1.5, top_k=900, top_p=0.96, more_smooth=False),
@@ -91,7 +96,7 @@ def check_settings(cfg: float, top_k: int, top_p: float, more_smooth: bool) -> S
         raise ValueError(f'--cfg must be a number >= 0 (0 = no guidance), got {cfg:g}')
     if top_k < 0:
         raise ValueError(f'--top_k must be >= 0 (0 = off), got {top_k}')
-    if not 0 <= top_p <= 1:  # 0 = off, as in var_jax.sampling and the configs (1 keeps every token too)
+    if not 0 <= top_p <= 1:  # 0 = off, as in var_jax.sampling.generate and the configs (1 keeps every token too)
         raise ValueError(f'--top_p must be in [0, 1] (0 = off), got {top_p:g}')
     return Settings(float(cfg), int(top_k), float(top_p), bool(more_smooth))
 
@@ -253,9 +258,9 @@ class Sampler:
         n, pad = len(labels), self.batch_size - len(labels)
         labels = np.concatenate([labels, np.repeat(labels[:1], pad)]).astype(np.int32)
         index = np.concatenate([index, np.repeat(index[:1], pad)]).astype(np.int64)
-        keys = jax.device_put(sampling.image_keys(self.seed, labels, index), self.rows)
+        keys = jax.device_put(generate.image_keys(self.seed, labels, index), self.rows)
         s = self.s
-        images, idx_list = sampling.sample(self.var, self.vqvae, jax.device_put(labels, self.rows), keys,
+        images, idx_list = generate.sample(self.var, self.vqvae, jax.device_put(labels, self.rows), keys,
                                            s.cfg, s.top_k, s.top_p, s.more_smooth)
         return n, _finish(self.vqvae, images, idx_list, self.progression)
 

@@ -23,7 +23,16 @@ import optax
 from etils import epath
 from flax import nnx
 
-from var_jax import checkpoint, cli, config_lib, distributed, metrics, optim, sampling, sharding, trainer, viz
+from var_jax.io import checkpoint
+from var_jax.utils import cli
+from var_jax.training import configs
+from var_jax.parallel import distributed
+from var_jax.utils import metrics
+from var_jax.training import optim
+from var_jax.sampling import generate
+from var_jax.parallel import sharding
+from var_jax.training import loop
+from var_jax.utils import viz
 from var_jax.data.pipeline import make_source
 from var_jax.data import tokens
 from var_jax.models import VAR, VARConfig, abstract, vqvae_config
@@ -32,7 +41,7 @@ from var_jax.models.var import scale_bounds
 TOKENIZER_DIR = 'tokenizer'
 
 
-class VARTask(trainer.Task):
+class VARTask(loop.Task):
     name = 'var'
     export = ('var',)
     memory_knobs = ('remat', 'grad_accum')
@@ -89,7 +98,7 @@ class VARTask(trainer.Task):
 
                 return vqvae_config_from(tcfg.train.model), None, None
             elif self.dry_run:  # compile against the official-size tokenizer; no weights needed
-                return vqvae_config(patch_nums=config_lib.patch_nums_of(self.config.model)), None, None
+                return vqvae_config(patch_nums=configs.patch_nums_of(self.config.model)), None, None
             else:
                 raise ValueError('config.tokenizer.checkpoint is empty: give a converted official VQVAE or a '
                                  'tokenizer workdir, or set config.tokenizer.train to train one first')
@@ -168,7 +177,7 @@ class VARTask(trainer.Task):
             flat = mb['tokens'].astype(jnp.int32)
             idx_list = [flat[:, b:e] for b, e in scale_bounds(self.var_cfg.patch_nums)]
         else:
-            idx_list, _ = vq.quantize.tokenize(vq.encode(trainer.images_to_float(mb['image'])))
+            idx_list, _ = vq.quantize.tokenize(vq.encode(loop.images_to_float(mb['image'])))
         x_in = jax.lax.stop_gradient(vq.quantize.idx_to_var_input(idx_list))
         return x_in, jnp.concatenate(idx_list, axis=1)
 
@@ -202,8 +211,8 @@ class VARTask(trainer.Task):
                  'vocab_usage': jnp.mean(pred_hist / jnp.sum(pred_hist) > 0.001 / cfg.vocab_size) * 100}
             return {'var': g}, m
 
-        grads, m = trainer.accumulate_grads(grad_fn, batch, int(self.config.grad_accum), state.key())
-        params, opt_state, gnorm = trainer.apply_updates(state, grads, tx)
+        grads, m = loop.accumulate_grads(grad_fn, batch, int(self.config.grad_accum), state.key())
+        params, opt_state, gnorm = loop.apply_updates(state, grads, tx)
         hp = optim.current_hparams(opt_state)
         m.update(grad_norm=gnorm, lr=hp.get('lr', 0.0), wd=hp.get('wd', 0.0), skipped=jnp.sum(batch['skipped']))
         return state.replace(params=params, opt_state=opt_state), m
@@ -227,8 +236,8 @@ class VARTask(trainer.Task):
         var = nnx.merge(nnx.split(abstract(cfg))[0], state.ema.get('var', state.params['var']))
         vq = nnx.merge(self.vq_graphdef, frozen)
         labels = np.repeat(np.asarray(classes, np.int32), s.per_class)
-        keys = sampling.image_keys(s.seed, labels, np.tile(np.arange(s.per_class), len(classes)))
-        images, _ = sampling.sample(var, vq, labels, keys, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
+        keys = generate.image_keys(s.seed, labels, np.tile(np.arange(s.per_class), len(classes)))
+        images, _ = generate.sample(var, vq, labels, keys, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
                                     more_smooth=s.more_smooth)
         images = gather(images)
         names = self.model_configs()['class_names']
@@ -321,25 +330,25 @@ def run(config, workdir, *, dry_run: bool = False, device_memory_gib: float = 0.
     """Train the tokenizer first when the config asks for it, then VAR; returns final metrics.
 
     Config, workdir and data are checked before anything is written; a run that still fails on a
-    config or data error before training leaves no workdir behind (config_lib.fresh_workdir_guard).
-    One run at a time per workdir (trainer.workdir_lock, held over both phases).
+    config or data error before training leaves no workdir behind (configs.fresh_workdir_guard).
+    One run at a time per workdir (loop.workdir_lock, held over both phases).
     """
-    config_lib.check(config, 'var')
-    config_lib.check_workdir(workdir)
+    configs.check(config, 'var')
+    configs.check_workdir(workdir)
     train_tok = not config.tokenizer.checkpoint and config.tokenizer.get('train') and not dry_run
     if train_tok:
-        config_lib.check(config.tokenizer.train, 'tokenizer')
+        configs.check(config.tokenizer.train, 'tokenizer')
     if not dry_run:  # a wrong data path fails now, not after the tokenizer was trained
         make_source(config.data, 'train')
         if train_tok:
             make_source(config.tokenizer.train.data, 'train')
-    with config_lib.fresh_workdir_guard(workdir):
+    with configs.fresh_workdir_guard(workdir):
         distributed.maybe_initialize()  # before the tokenizer is loaded: that touches the backend
         workdir = checkpoint.abspath(workdir)
         if dry_run:
             task = VARTask(config, workdir, dry_run=True)
-            return trainer.run(task, config, workdir, dry_run=True, device_memory_gib=device_memory_gib)
-        with trainer.workdir_lock(workdir):
+            return loop.run(task, config, workdir, dry_run=True, device_memory_gib=device_memory_gib)
+        with loop.workdir_lock(workdir):
             return _run(config, workdir, train_tok=train_tok)
 
 
@@ -356,7 +365,7 @@ def _run(config, workdir, *, train_tok: bool) -> dict:
 
         train_tokenizer.run(config.tokenizer.train, workdir / TOKENIZER_DIR)
     task = VARTask(config, workdir)
-    out = trainer.run(task, config, workdir)
+    out = loop.run(task, config, workdir)
     if config.get('evaluate'):
         if jax.process_count() > 1:  # the score samples on one host's devices
             print('[eval] skipped in a multi-process run: python -m var_jax.evaluate --workdir ' + str(workdir))
@@ -410,4 +419,4 @@ if __name__ == '__main__':
     flags.DEFINE_bool('dry_run', False, 'compile the sharded step from abstract shapes, print memory, exit')
     flags.DEFINE_float('dry_run_memory_gib', 0.0, 'with --dry_run: the memory of one target device in GiB (default: '
                        'what the device reports; a CPU reports none), to say which settings fit')
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=configs.parse_flags)

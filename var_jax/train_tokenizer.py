@@ -23,7 +23,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from var_jax import checkpoint, cli, config_lib, distributed, sharding, trainer, viz
+from var_jax.io import checkpoint
+from var_jax.utils import cli
+from var_jax.training import configs
+from var_jax.parallel import distributed
+from var_jax.parallel import sharding
+from var_jax.training import loop
+from var_jax.utils import viz
 from var_jax.data.pipeline import make_dataset
 from var_jax.models import VQVAE, VQVAEConfig, abstract
 from var_jax.models.perceptual import PatchDiscriminator, load_lpips_params, lpips
@@ -35,7 +41,7 @@ def vqvae_config_from(model_cfg) -> VQVAEConfig:
                        num_res_blocks=m.num_res_blocks, using_sa=m.using_sa, using_mid_sa=m.using_mid_sa,
                        num_groups=m.num_groups, beta=m.beta, using_znorm=m.using_znorm, quant_conv_ks=m.quant_conv_ks,
                        quant_resi=m.quant_resi, share_quant_resi=m.share_quant_resi,
-                       patch_nums=config_lib.patch_nums_of(m), dtype=m.dtype)
+                       patch_nums=configs.patch_nums_of(m), dtype=m.dtype)
 
 
 def _conv(h, kernel, bias):
@@ -51,7 +57,7 @@ def psnr(x, y) -> jax.Array:
     return 10 * jnp.log10(1.0 / jnp.maximum(mse, 1e-10))
 
 
-class TokenizerTask(trainer.Task):
+class TokenizerTask(loop.Task):
     name = 'tokenizer'
     export = ('vqvae',)
 
@@ -118,7 +124,7 @@ class TokenizerTask(trainer.Task):
     # ------------------------------------------------------------------ update
     def train_step(self, state, batch, frozen, tx):
         loss_cfg = self.config.loss
-        x = trainer.images_to_float(batch['image'])
+        x = loop.images_to_float(batch['image'])
         gan_on = (state.step >= loss_cfg.gan_start).astype(jnp.float32) if self.use_gan else 0.0
         key = state.key()
 
@@ -166,7 +172,7 @@ class TokenizerTask(trainer.Task):
             (l_d, (real, fake)), g_d = jax.value_and_grad(disc_loss, has_aux=True)(state.params['disc'])
             grads['disc'] = jax.tree.map(lambda g: g * gan_on, g_d)
             m.update(L_D=l_d, D_real=jnp.mean(real), D_fake=jnp.mean(fake))
-        params, opt_state, gnorm = trainer.apply_updates(state, grads, tx)
+        params, opt_state, gnorm = loop.apply_updates(state, grads, tx)
         usage, params, n_reseed = self._codebook_health(state, params, aux, key)
         m.update(loss=loss, grad_norm=gnorm, psnr=jnp.mean(psnr(x, jnp.clip(rec, -1, 1))),
                  usage=self._usage_pct(usage, x.shape[0]), reseeded=n_reseed, skipped=jnp.sum(batch['skipped']),
@@ -233,7 +239,7 @@ class TokenizerTask(trainer.Task):
         for i, b in enumerate(it):
             if i >= n_batches:
                 break
-            x = trainer.images_to_float(jnp.asarray(b['image']))
+            x = loop.images_to_float(jnp.asarray(b['image']))
             r = recon(vq, x)
             psnrs.append(np.asarray(psnr(x, r)))
             if self.lpips_params is not None:
@@ -257,11 +263,11 @@ class TokenizerTask(trainer.Task):
 
 
 def run(config, workdir, *, dry_run: bool = False, device_memory_gib: float = 0.0) -> dict:
-    config_lib.check(config, 'tokenizer')
-    config_lib.check_workdir(workdir)
-    with config_lib.fresh_workdir_guard(workdir):  # a config or data error leaves no workdir behind
+    configs.check(config, 'tokenizer')
+    configs.check_workdir(workdir)
+    with configs.fresh_workdir_guard(workdir):  # a config or data error leaves no workdir behind
         distributed.maybe_initialize()  # before the task builds anything on the backend
-        return trainer.run(TokenizerTask(config, workdir), config, workdir, dry_run=dry_run,
+        return loop.run(TokenizerTask(config, workdir), config, workdir, dry_run=dry_run,
                            device_memory_gib=device_memory_gib)
 
 
@@ -282,4 +288,4 @@ if __name__ == '__main__':
     flags.DEFINE_bool('dry_run', False, 'compile the step from abstract shapes, print memory, exit')
     flags.DEFINE_float('dry_run_memory_gib', 0.0, 'with --dry_run: the memory of one target device in GiB, to say '
                        'whether the step fits and which mesh does')
-    app.run(main, flags_parser=config_lib.parse_flags)
+    app.run(main, flags_parser=configs.parse_flags)

@@ -41,7 +41,7 @@ fi
 
 cd "$VJ_REPO_ROOT"
 note "one process on the local GPUs: $CONFIG -> $WORKDIR"
-# A single process: keep var_jax.distributed from initialising a multi-process run when this
+# A single process: keep var_jax.parallel.distributed from initialising a multi-process run when this
 # is started inside a SLURM allocation with several tasks or a shell with VAR_JAX_MULTIHOST set.
 run env -u VAR_JAX_MULTIHOST -u SLURM_NTASKS -u JAX_COORDINATOR_ADDRESS \
   "$PYTHON" -m "$TRAIN_MODULE" "--config=$CONFIG" "--workdir=$WORKDIR" ${trainer_args[@]+"${trainer_args[@]}"}

@@ -39,7 +39,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from var_jax import bench, config_lib, sampling
+from var_jax import bench
+from var_jax.training import configs
+from var_jax.sampling import generate
 from var_jax.benchmarks.official import NotComparable
 from var_jax.models import VARConfig, VQVAEConfig, abstract, create, vqvae_config
 
@@ -80,21 +82,21 @@ def make_spec(*, depth: int = 16, config: str | None = None, tiny: bool = False,
     from var_jax.train import VARTask  # noqa: PLC0415
 
     if tiny:
-        c = config_lib.var_recipe(depth=2, batch_size=batch, epochs=1, tblr=1e-4, alng=1e-5, wpe=0.1)
+        c = configs.var_recipe(depth=2, batch_size=batch, epochs=1, tblr=1e-4, alng=1e-5, wpe=0.1)
         c.model.update(patch_nums=TINY_VQ.patch_nums, num_classes=10)
         vq, name = TINY_VQ, '--tiny'
     elif config:
         c = bench.load_config(config)
         if bench.is_tokenizer_config(c):
             raise ValueError(f'--config {config} is a tokenizer config; compare times VAR: give a VAR training config')
-        config_lib.check(c, 'var')
+        configs.check(c, 'var')
         vq, name = bench.tokenizer_config(c), config
     else:
         if depth < 1:
             raise ValueError(f'--depth must be >= 1, got {depth}')
-        c = config_lib.var_recipe(depth=depth, batch_size=batch, epochs=1, tblr=1e-4, alng=1e-5, wpe=0.1,
+        c = configs.var_recipe(depth=depth, batch_size=batch, epochs=1, tblr=1e-4, alng=1e-5, wpe=0.1,
                                   pn=512 if depth == 36 else 256)
-        vq, name = vqvae_config(patch_nums=config_lib.patch_nums_of(c.model)), f'd{depth}'
+        vq, name = vqvae_config(patch_nums=configs.patch_nums_of(c.model)), f'd{depth}'
     c.model.dtype = dtype
     c = bench._one_device_config(c, batch, vq)
     var = VARTask(c, tempfile.gettempdir(), tokenizer=abstract(vq)).var_cfg
@@ -138,7 +140,7 @@ class JaxSide:
         if workload == 'sample':
             labels = np.arange(s.batch, dtype=np.int32) % s.var.num_classes
             return lambda: jax.block_until_ready(
-                sampling.sample(var, vq, labels, key, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p)[0])
+                generate.sample(var, vq, labels, key, cfg=s.cfg, top_k=s.top_k, top_p=s.top_p)[0])
         if workload == 'encode':
             size = s.vq.image_size
             images = jax.random.uniform(key, (s.batch, size, size, 3), minval=-1.0, maxval=1.0)

@@ -12,7 +12,7 @@ the rest still run):
   forward, backward, AdamW; `bench._train_step_program`, i.e. what `bench train` times), batch 32
   on one device -> img/s, achieved TFLOP/s of the VAR (`metrics.var_flops_per_image`: matmuls and
   attention, forward + backward; the tokenizer encode is not counted) and MFU = achieved / peak.
-- `sample_d16`: `sampling.sample` of VAR-d16 in bf16 (cfg 1.5, top-k 900, top-p 0.96, decode
+- `sample_d16`: `generate.sample` of VAR-d16 in bf16 (cfg 1.5, top-k 900, top-p 0.96, decode
   included) at batch 1, 16 and 64 -> img/s (each batch size compiles once, excluded).
 - `memory_d30`: lower + compile (nothing allocated) the VAR-d30 bf16 train step at batch 16 per
   device -> `compiled.memory_analysis()`: arguments + outputs + temporaries - aliased, per device.
@@ -235,9 +235,9 @@ def part_peak(args, part: Part):
 
 
 def _var_config(args, depth: int, batch: int):
-    from var_jax import config_lib  # noqa: PLC0415
+    from var_jax.training import configs  # noqa: PLC0415
 
-    c = config_lib.var_recipe(depth=depth, batch_size=batch, epochs=1, tblr=1e-4, alng=1e-5, wpe=0.1)
+    c = configs.var_recipe(depth=depth, batch_size=batch, epochs=1, tblr=1e-4, alng=1e-5, wpe=0.1)
     c.model.dtype = 'bfloat16'
     if args.smoke:  # tiny: 4 scales, 8 px; depth 1 / 2 / 3 stand in for 16 / 20 / 30
         vq = SMOKE_VQ
@@ -260,7 +260,8 @@ def _train(depth: int):
     def run(args, part: Part):
         import jax  # noqa: PLC0415
 
-        from var_jax import bench, metrics  # noqa: PLC0415
+        from var_jax import bench
+        from var_jax.utils import metrics  # noqa: PLC0415
 
         batch = 4 if args.smoke else TRAIN_BATCH
         config, vq = _var_config(args, depth, batch)
@@ -294,7 +295,7 @@ def part_sample(args, part: Part):
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from var_jax import sampling  # noqa: PLC0415
+    from var_jax.sampling import generate  # noqa: PLC0415
     from var_jax.models import create, var_config, vqvae_config  # noqa: PLC0415
 
     if args.smoke:
@@ -315,7 +316,7 @@ def part_sample(args, part: Part):
         key = jax.random.key(0)
 
         def one():
-            jax.block_until_ready(sampling.sample(model, vqvae, labels, key, cfg=1.5, top_k=top_k, top_p=0.96)[0])
+            jax.block_until_ready(generate.sample(model, vqvae, labels, key, cfg=1.5, top_k=top_k, top_p=0.96)[0])
         t0 = time.monotonic()
         one()
         first = time.monotonic() - t0
@@ -327,7 +328,8 @@ def part_sample(args, part: Part):
 
 
 def part_memory(args, part: Part):
-    from var_jax import bench, trainer  # noqa: PLC0415
+    from var_jax import bench
+    from var_jax.training import loop  # noqa: PLC0415
     from var_jax.train import VARTask  # noqa: PLC0415
 
     batch = 2 if args.smoke else MEMORY_BATCH
@@ -345,9 +347,9 @@ def part_memory(args, part: Part):
             config.data.image_size = vq.image_size
         size = task.vq_cfg.image_size
         config.data.image_size = size
-        s = trainer.setup(task, config, dataset_size=trainer.IMAGENET_TRAIN, image_size=size)
+        s = loop.setup(task, config, dataset_size=loop.IMAGENET_TRAIN, image_size=size)
         t0 = time.monotonic()
-        compiled, _ = trainer.compile_step(task, s, config, size)
+        compiled, _ = loop.compile_step(task, s, config, size)
         took = time.monotonic() - t0
     mem = compiled.memory_analysis()
     c = task.var_cfg

@@ -32,7 +32,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import linalg
 
-from var_jax import metrics
+from var_jax.utils import metrics
 from var_jax.eval.inception import InceptionV3, load_inception
 from var_jax.eval.inputs import NpzImages, Reference, check_same_size, read_reference
 

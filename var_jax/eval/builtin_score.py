@@ -133,13 +133,13 @@ def _pad(x: np.ndarray, batch: int) -> np.ndarray:
 
 
 def _samples(var, vqvae, labels, index, *, cfg, top_k, top_p, seed) -> np.ndarray:
-    from var_jax import sampling  # noqa: PLC0415
+    from var_jax.sampling import generate  # noqa: PLC0415
 
     batch = min(SAMPLE_BATCH, len(labels))
     out = []
     for i, j in _chunks(len(labels), batch):
         lab, idx = _pad(labels[i:j], batch), _pad(index[i:j], batch)
-        images, _ = sampling.sample(var, vqvae, lab, sampling.image_keys(seed, lab, idx), cfg=cfg, top_k=top_k,
+        images, _ = generate.sample(var, vqvae, lab, generate.image_keys(seed, lab, idx), cfg=cfg, top_k=top_k,
                                     top_p=top_p)
         out.append(np.asarray(images)[:j - i])
     return np.concatenate(out)
@@ -177,7 +177,7 @@ def score(workdir, *, per_class: int = 100, cfg: float | None = None, top_k: int
 
     import jax  # noqa: PLC0415  (after the inputs are known good)
 
-    from var_jax import checkpoint  # noqa: PLC0415
+    from var_jax.io import checkpoint  # noqa: PLC0415
     from var_jax.eval import classifier  # noqa: PLC0415
 
     timings = {}

@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.eval.inputs import check_inception_path
-from var_jax.state_dict import load_state_dict
+from var_jax.io.state_dict import load_state_dict
 
 INPUT_SIZE = 299
 NUM_LOGITS = 1008

@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from var_jax import metrics
+from var_jax.utils import metrics
 from var_jax.eval import adm
 from var_jax.eval.inception import InceptionV3
 from var_jax.models import PATCH_NUMS, VQVAEConfig
@@ -305,7 +305,7 @@ def tokenizer_config(path: str, image_size: int | None) -> tuple[VQVAEConfig | N
     if os.path.isfile(path):
         raise ValueError(f'--tokenizer {path}: not a var_jax checkpoint directory or training workdir, nor an '
                          f'official tokenizer file ({", ".join(OFFICIAL_SUFFIXES)})')
-    from var_jax.checkpoint import read_model_json  # noqa: PLC0415  (Orbax only for this case)
+    from var_jax.io.checkpoint import read_model_json  # noqa: PLC0415  (Orbax only for this case)
 
     cfg = read_model_json(path)[0]
     if cfg is None:
@@ -336,14 +336,14 @@ def load_tokenizer(path: str, image_size: int | None):
         vqvae, _ = load_official(path, patch_nums=patch_nums)
         check_image_size(vqvae.config, image_size if image_size is not None else vqvae.config.image_size)
         return vqvae
-    from var_jax.checkpoint import load_model  # noqa: PLC0415
+    from var_jax.io.checkpoint import load_model  # noqa: PLC0415
 
     return load_model(path, tokenizer_only=True)[0]  # a VAR checkpoint carries its tokenizer
 
 
 def data_config(spec: str, image_size: int, data_dir: str | None = None, workers: int = 0):
     """`builtin`, `tfds:NAME:SPLIT` or an image folder -> a `data.pipeline` config for `image_size`."""
-    from var_jax.config_lib import data_config as make  # noqa: PLC0415
+    from var_jax.training.configs import data_config as make  # noqa: PLC0415
 
     if spec == 'builtin':
         return make(source='builtin', image_size=image_size, workers=0)

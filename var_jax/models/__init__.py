@@ -49,7 +49,7 @@ def create(cfg, seed: int = 0, *, out_shardings: Any = None) -> nnx.Module:
     """Fresh model with the official initialisation, built inside one jitted program.
 
     `out_shardings`: optional pytree of shardings matching `nnx.state(model)` (see
-    `var_jax.sharding.state_shardings`), so large models are created already sharded.
+    `var_jax.parallel.sharding.state_shardings`), so large models are created already sharded.
     """
     cls = model_class(cfg)
     graphdef, _ = nnx.split(abstract(cfg))

@@ -15,7 +15,7 @@ The `depth` blocks are stacked on a leading axis and run with `nnx.scan` (one co
 
 Precision: parameters float32; matmuls in `config.dtype`; the residual stream, LayerNorm
 statistics, softmax and logits in float32 (the head accumulates and returns float32). Logical
-sharding axes live in each parameter's `axes` metadata; `var_jax.sharding` maps them to a mesh.
+sharding axes live in each parameter's `axes` metadata; `var_jax.parallel.sharding` maps them to a mesh.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.models.config import ATTENTION, VARConfig, to_jnp_dtype
-from var_jax.sharding import constrain
+from var_jax.parallel.sharding import constrain
 
 F32 = jnp.float32
 LOG_100 = math.log(100.0)

@@ -233,7 +233,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     Parses the flags and loads the config file now, so that the mistakes a user makes there (an
     unknown --config.field, a bad value, a missing config file, an unknown preset, an unknown
-    flag) end as one `error:` line with exit code 2 (var_jax.cli), before anything is created.
+    flag) end as one `error:` line with exit code 2 (var_jax.utils.cli), before anything is created.
     Errors inside a config file other than ValueError / TypeError (its bugs) keep their traceback.
     """
     from absl import flags  # noqa: PLC0415

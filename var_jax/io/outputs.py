@@ -126,7 +126,7 @@ def image_format(path, flag: str = '--out') -> str:
 
 def save_image(path, image: np.ndarray) -> None:
     """uint8 (H, W, 3) or float [0, 1] -> an image file in the format of the suffix, atomically."""
-    from var_jax import viz  # noqa: PLC0415
+    from var_jax.utils import viz  # noqa: PLC0415
 
     fmt = image_format(path)
     buf = io.BytesIO()

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
-from var_jax import outputs
+from var_jax.io import outputs
 from var_jax.models import VARConfig, VQVAEConfig, abstract, check_pair
 from var_jax.models.config import to_jnp_dtype
 
@@ -112,7 +112,7 @@ MODEL_ENTRIES = frozenset({MODEL_FILE, 'params'})  # all that save_model writes:
 
 def check_model_output(out, *, overwrite: bool):
     """May `save_model(out, overwrite=...)` write there? Checked by the tools before any work;
-    `--force` replaces only a previous model checkpoint (var_jax.outputs)."""
+    `--force` replaces only a previous model checkpoint (var_jax.io.outputs)."""
     return outputs.check_dir_output(out, force=overwrite, own=MODEL_ENTRIES, what='a model checkpoint')
 
 

@@ -10,7 +10,7 @@ training is involved. The three tasks differ only in which region is free and in
     outpaint    free = everything outside `keep`;  label: unconditional
     class_edit  free = the given region;           label: the target class
 
-Images are NHWC float in [0, 1] (what `sampling.sample` returns); masks are given at image
+Images are NHWC float in [0, 1] (what `generate.sample` returns); masks are given at image
 resolution, (S, S) or (B, S, S), 1 = generate and 0 = keep, and may be fractional.
 
 Mask -> token grid of every scale (the official rule, generalised to image-resolution masks):
@@ -32,7 +32,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax import sampling
+from var_jax.sampling import generate
 from var_jax.models import VAR, VQVAE
 
 ALWAYS_KEEP = 3  # scales with pn*pn <= 3 tokens are never edited (official `if ph * pw <= 3`)
@@ -109,7 +109,7 @@ def edit(var: VAR, vqvae: VQVAE, images, mask, labels, key, cfg: float = 3.0, to
     free = free_tokens(_as_masks(mask, b, size), vqvae.config.patch_nums, size)
     tokens = vqvae.img_to_idx(images * 2 - 1)  # checks shape and range
     teacher = (tokens, [jnp.asarray(f) for f in free])
-    out, idx_list = sampling.sample(var, vqvae, labels, key, cfg, top_k, top_p, more_smooth, teacher=teacher)
+    out, idx_list = generate.sample(var, vqvae, labels, key, cfg, top_k, top_p, more_smooth, teacher=teacher)
     return out, idx_list, free
 
 

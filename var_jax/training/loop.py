@@ -28,7 +28,10 @@ import numpy as np
 import optax
 from flax import struct
 
-from var_jax import checkpoint, distributed, metrics, sharding
+from var_jax.io import checkpoint
+from var_jax.parallel import distributed
+from var_jax.utils import metrics
+from var_jax.parallel import sharding
 from var_jax.data.pipeline import make_dataset
 
 IMAGENET_TRAIN = 1_281_167  # schedule length for a dry run, which reads no data

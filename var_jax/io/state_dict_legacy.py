@@ -1,7 +1,7 @@
 """Torch-free reader for the legacy (pre-1.6, non-zip) `torch.save` format.
 
 pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (and any checkpoint saved with
-`_use_new_zipfile_serialization=False`) predates torch's zip format; `var_jax.state_dict` reads
+`_use_new_zipfile_serialization=False`) predates torch's zip format; `var_jax.io.state_dict` reads
 those files through this module. The format is a run of pickles followed by raw storages:
 
     magic number, protocol version (1001), sys_info {'little_endian': ...},
@@ -11,7 +11,7 @@ those files through this module. The format is a run of pickles followed by raw 
     then for each key: int64 element count + the storage's bytes (little endian).
 
 Tensors can only be built after the storages behind them are read, so the state dict is first
-unpickled with placeholders and filled in at the end. Like `var_jax.state_dict`, the unpickler
+unpickled with placeholders and filled in at the end. Like `var_jax.io.state_dict`, the unpickler
 only builds tensors and dicts, so a file cannot run code. Every failure is a `ValueError`.
 """
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _rebuild_parameter(data, *_args):
 
 class _StorageClass:
     def __init__(self, name):
-        from var_jax.state_dict import STORAGE_DTYPES  # noqa: PLC0415  (avoids an import cycle)
+        from var_jax.io.state_dict import STORAGE_DTYPES  # noqa: PLC0415  (avoids an import cycle)
 
         self.dtype = STORAGE_DTYPES[name]
 

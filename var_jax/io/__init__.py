@@ -1,0 +1,1 @@
+"""Files: checkpoints, official PyTorch state dicts, the overwrite rule for outputs."""

@@ -1,0 +1,1 @@
+"""Parallelism: device mesh, logical-axis sharding rules, multi-process start-up."""

@@ -1,0 +1,1 @@
+"""Sampling: the KV-cached generate loop, editing, batched sampling."""

@@ -1,0 +1,1 @@
+"""Training: the shared loop, the VAR and tokenizer tasks, optimizer, run configs."""

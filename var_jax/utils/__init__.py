@@ -1,0 +1,1 @@
+"""Small shared helpers: the command-line wrapper, metric writers, image grids."""
