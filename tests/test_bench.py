@@ -12,11 +12,10 @@ import sys
 import time
 
 import pytest
+from conftest import REPO
 
 from var_jax import bench
 from var_jax.benchmarks import compare, device
-
-from conftest import REPO
 
 
 def _table(out: str) -> list[list[str]]:

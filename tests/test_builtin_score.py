@@ -18,9 +18,9 @@ import pytest
 from scipy import linalg
 
 from var_jax import evaluate
-from var_jax.io import checkpoint
 from var_jax.data import builtin
 from var_jax.eval import builtin_score, classifier
+from var_jax.io import checkpoint
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 KEYS = ('eval/classifier_test_acc', 'eval/guided_class_acc', 'eval/unguided_class_acc', 'eval/recon_class_acc',

@@ -10,12 +10,11 @@ import subprocess
 import sys
 
 import pytest
+from conftest import REPO
 
 from var_jax.io import checkpoint
-from var_jax.training import configs
 from var_jax.models import VQVAEConfig, create
-
-from conftest import REPO
+from var_jax.training import configs
 
 TOK = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
                   using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))

@@ -10,13 +10,12 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, fixture_dir
 from flax import nnx
 
 from var_jax import convert
 from var_jax.io import checkpoint
 from var_jax.io.state_dict import load_state_dict
-
-from conftest import REPO, fixture_dir
 
 
 @pytest.fixture(scope='module')

@@ -12,12 +12,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO
 from PIL import Image
 
-from var_jax.training import configs
 from var_jax.data import images, pipeline
-
-from conftest import REPO
+from var_jax.training import configs
 
 MID = 288  # round(1.125 * 256): the shorter side the official transform resizes to
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from var_jax.sampling.editing import free_tokens, torch_bilinear
 from var_jax.models import PATCH_NUMS_256
+from var_jax.sampling.editing import free_tokens, torch_bilinear
 
 # Forced-token masks (1 = keep the input's token) of the official demo_zero_shot_edit.ipynb:
 # `get_edit_mask(patch_nums, y0, x0, y1, x1, inpainting)` then `replace_embedding`'s

@@ -15,9 +15,9 @@ import sys
 import numpy as np
 import pytest
 
+from var_jax.eval import adm, inception, inputs
 from var_jax.io import state_dict_legacy as legacy_torch
 from var_jax.io.state_dict import load_state_dict
-from var_jax.eval import adm, inception, inputs
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).resolve().parent / 'data'

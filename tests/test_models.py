@@ -7,16 +7,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_PNS, TINY_VAR, TINY_VQ
 from flax import nnx
 
-from var_jax.models import (PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig, abstract, check_pair, create,
-                            var_config, vqvae_config)
+from var_jax.models import (
+    PATCH_NUMS_256,
+    PATCH_NUMS_512,
+    VARConfig,
+    VQVAEConfig,
+    abstract,
+    check_pair,
+    create,
+    var_config,
+    vqvae_config,
+)
+from var_jax.models import var as var_module
 from var_jax.models.quantizer import phi_table
 from var_jax.models.resize import area_matrix, bicubic_matrix, resize
-from var_jax.models import var as var_module
 from var_jax.models.var import attention_groups, block_causal_mask, check_attention, scale_bounds
-
-from conftest import TINY_PNS, TINY_VAR, TINY_VQ
 
 
 def n_params(cfg) -> int:

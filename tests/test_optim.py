@@ -14,13 +14,12 @@ import math
 import jax
 import numpy as np
 import pytest
+from conftest import FIXTURES
 from flax import nnx
 
 from var_jax import convert
-from var_jax.training import optim
 from var_jax.models import VARConfig, abstract
-
-from conftest import FIXTURES
+from var_jax.training import optim
 
 OFFICIAL_NOWD_KEYS = {'cls_token', 'start_token', 'task_token', 'cfg_uncond', 'pos_embed', 'pos_1LC', 'pos_start',
                       'start_pos', 'lvl_embed', 'gamma', 'beta', 'ada_gss', 'moe_bias', 'scale_mul'}

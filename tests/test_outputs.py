@@ -10,16 +10,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_VQ, fixture_dir
 from flax import nnx
 from PIL import Image
 
 from var_jax import convert
-from var_jax.io import checkpoint
-from var_jax.io import outputs
 from var_jax.data import images
+from var_jax.io import checkpoint, outputs
 from var_jax.io.state_dict import load_state_dict
-
-from conftest import TINY_VQ, fixture_dir
 
 
 @pytest.fixture(scope='module')

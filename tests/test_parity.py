@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from var_jax.sampling import generate
 from var_jax.io.checkpoint import merge_params
 from var_jax.models.var import scale_bounds
+from var_jax.sampling import generate
 
 CFGS = (0.0, 1.5, 4.0)
 

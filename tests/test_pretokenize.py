@@ -16,19 +16,16 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, override, prepare_tiny_tfds
 from flax import nnx
 from PIL import Image
+from test_train import TOK, tokenizer_dir  # noqa: E402,F401  (the same tiny tokenizer and its fixture)
 
 from var_jax import pretokenize, train
-from var_jax.io import checkpoint
-from var_jax.training import configs
-from var_jax.training import loop
 from var_jax.data import pipeline, tokens
+from var_jax.io import checkpoint
 from var_jax.models import create
-
-from conftest import REPO, override, prepare_tiny_tfds
-
-from test_train import TOK, tokenizer_dir  # noqa: E402,F401  (the same tiny tokenizer and its fixture)
+from var_jax.training import configs, loop
 
 L = 1 + 4 + 16
 

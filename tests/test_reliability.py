@@ -16,15 +16,13 @@ import sys
 import time
 
 import pytest
+from conftest import REPO
+from test_train import TOK, cli_args, env8, losses, tiny_config, tokenizer_dir  # noqa: F401  (fixture)
 
 from var_jax import train
 from var_jax.io import checkpoint
-from var_jax.training import configs
-from var_jax.training import loop
 from var_jax.models import create
-
-from conftest import REPO
-from test_train import TOK, cli_args, env8, losses, tiny_config, tokenizer_dir  # noqa: F401  (fixture)
+from var_jax.training import configs, loop
 
 pytestmark = pytest.mark.slow
 

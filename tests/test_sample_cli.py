@@ -14,17 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import REPO, TINY_VAR, TINY_VQ
 from flax import nnx
 from PIL import Image
 
-from var_jax.io import checkpoint
-from var_jax.sampling import editing
-from var_jax.sampling import generate
 from var_jax import edit as edit_cli
 from var_jax import sample as sample_cli
+from var_jax.io import checkpoint
 from var_jax.models import abstract
-
-from conftest import REPO, TINY_VAR, TINY_VQ
+from var_jax.sampling import editing, generate
 
 PNS = (1, 2, 4)  # 8 px images
 VQ, VAR_CFG = TINY_VQ.replace(patch_nums=PNS), TINY_VAR.replace(patch_nums=PNS, depth=1)

@@ -5,11 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY_VAR
 
 from var_jax.sampling import generate
 from var_jax.sampling.generate import filter_logits
-
-from conftest import TINY_VAR
 
 
 def official_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:

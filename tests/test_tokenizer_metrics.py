@@ -18,19 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import prepare_tiny_tfds
 from flax import nnx
 from PIL import Image
 
-from var_jax.io import checkpoint
 from var_jax import evaluate as cli
 from var_jax.data import builtin
 from var_jax.data.pipeline import FolderSource, make_dataset
 from var_jax.eval import adm, inception
 from var_jax.eval import tokenizer_metrics as tm
+from var_jax.io import checkpoint
 from var_jax.models import VQVAEConfig, create
 from var_jax.models.perceptual import load_lpips_params, lpips
-
-from conftest import prepare_tiny_tfds
 
 DATA = pathlib.Path(__file__).resolve().parent / 'data'
 # 16 px (downsample 4, latent 4): LPIPS needs >= 16 px; three levels keep the compile short

@@ -19,16 +19,15 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, no_jit_cache, override, prepare_tiny_tfds
 from flax import nnx
 from PIL import Image
 
 from var_jax import train
 from var_jax.io import checkpoint
+from var_jax.models import VAR, VQVAEConfig, create
 from var_jax.training import configs
 from var_jax.utils import metrics
-from var_jax.models import VAR, VQVAEConfig, create
-
-from conftest import REPO, no_jit_cache, override, prepare_tiny_tfds
 
 TOK = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
                   using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))

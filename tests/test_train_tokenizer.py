@@ -7,15 +7,14 @@ import shutil
 import jax
 import numpy as np
 import pytest
+from conftest import override
 from flax import nnx
 
 from var_jax import train_tokenizer
 from var_jax.io import checkpoint
+from var_jax.models import create
 from var_jax.training import configs
 from var_jax.utils import metrics
-from var_jax.models import create
-
-from conftest import override
 
 
 def tiny_config(**kw):

@@ -59,12 +59,12 @@ import jax
 import numpy as np
 from flax import nnx
 
-from var_jax.utils import cli
-from var_jax.training import configs
-from var_jax.sampling import generate
 from var_jax.models import VARConfig, VQVAEConfig, create, var_config, vqvae_config
 from var_jax.models.config import ATTENTION
 from var_jax.sample import Parser, check_settings
+from var_jax.sampling import generate
+from var_jax.training import configs
+from var_jax.utils import cli
 
 TINY = (VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4)),
         VARConfig(depth=2, width=64, num_heads=2, vocab_size=64, cvae=8, patch_nums=(1, 2, 3, 4), num_classes=10))
@@ -206,11 +206,11 @@ def _train_step_program(config, batch: int, baseline: bool, from_tokens: bool = 
     VQVAE a VAR config encodes with (default `tokenizer_config`). `var_alone`: the VAR step without
     the encode, fed random teacher-forcing input and targets (jitted on one device as `loop.setup`
     does, with the batch's two extra arrays)."""
-    from var_jax.parallel import sharding
-    from var_jax.training import loop  # noqa: PLC0415
     from var_jax.models import var as var_module  # noqa: PLC0415
+    from var_jax.parallel import sharding
     from var_jax.train import VARTask  # noqa: PLC0415
     from var_jax.train_tokenizer import TokenizerTask, vqvae_config_from  # noqa: PLC0415
+    from var_jax.training import loop  # noqa: PLC0415
 
     config = _one_device_config(config, batch, tokenizer)
     num_classes = 1

@@ -23,9 +23,8 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from var_jax.models import (PATCH_NUMS_256, PATCH_NUMS_512, VAR, VQVAE, VARConfig, VQVAEConfig, abstract,
-                            check_pair)
 from var_jax.io.state_dict import load_state_dict
+from var_jax.models import PATCH_NUMS_256, PATCH_NUMS_512, VAR, VQVAE, VARConfig, VQVAEConfig, abstract, check_pair
 
 VAE_BUFFERS = ('quantize.ema_vocab_hit_SV',)
 VAR_BUFFERS = re.compile(r'^(lvl_1L|attn_bias_for_masking|blocks\.\d+\.attn\.zero_k_bias)$')

@@ -28,11 +28,11 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps
 
-from var_jax.utils import cli
-from var_jax.sampling import editing
-from var_jax.io import outputs
 from var_jax.data.images import to_l8, to_rgb8
+from var_jax.io import outputs
 from var_jax.sample import Parser, add_sampling_flags, check_settings, open_checkpoint
+from var_jax.sampling import editing
+from var_jax.utils import cli
 
 DEMO = dict(cfg=3.0, top_k=900, top_p=0.95, more_smooth=True)  # demo_zero_shot_edit.ipynb's call
 

@@ -158,9 +158,9 @@ def run(config, out: str, *, views: int = 1, workdir: str | None = None, batch: 
     from array_record.python import array_record_module  # noqa: PLC0415
     from flax import nnx  # noqa: PLC0415
 
+    from var_jax.data import pipeline, tokens  # noqa: PLC0415
     from var_jax.io import checkpoint
     from var_jax.training import configs  # noqa: PLC0415
-    from var_jax.data import pipeline, tokens  # noqa: PLC0415
 
     if config.data.source == 'tokens':
         raise ValueError('pretokenize reads images: set --config.data.source to builtin, imagefolder or tfds')

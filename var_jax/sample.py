@@ -57,14 +57,12 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from var_jax.io import checkpoint
-from var_jax.utils import cli
-from var_jax.utils import metrics
-from var_jax.io import outputs
+from var_jax.io import checkpoint, outputs
 from var_jax.sampling import generate
-from var_jax.utils import viz
+from var_jax.utils import cli, metrics, viz
 
 PRESETS = {
     'official': dict(cfg=1.5, top_k=900, top_p=0.96, more_smooth=False),

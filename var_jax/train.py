@@ -23,20 +23,15 @@ import optax
 from etils import epath
 from flax import nnx
 
-from var_jax.io import checkpoint
-from var_jax.utils import cli
-from var_jax.training import configs
-from var_jax.parallel import distributed
-from var_jax.utils import metrics
-from var_jax.training import optim
-from var_jax.sampling import generate
-from var_jax.parallel import sharding
-from var_jax.training import loop
-from var_jax.utils import viz
-from var_jax.data.pipeline import make_source
 from var_jax.data import tokens
+from var_jax.data.pipeline import make_source
+from var_jax.io import checkpoint
 from var_jax.models import VAR, VARConfig, abstract, vqvae_config
 from var_jax.models.var import scale_bounds
+from var_jax.parallel import distributed, sharding
+from var_jax.sampling import generate
+from var_jax.training import configs, loop, optim
+from var_jax.utils import cli, metrics, viz
 
 TOKENIZER_DIR = 'tokenizer'
 

@@ -23,16 +23,13 @@ import numpy as np
 import optax
 from flax import nnx
 
-from var_jax.io import checkpoint
-from var_jax.utils import cli
-from var_jax.training import configs
-from var_jax.parallel import distributed
-from var_jax.parallel import sharding
-from var_jax.training import loop
-from var_jax.utils import viz
 from var_jax.data.pipeline import make_dataset
+from var_jax.io import checkpoint
 from var_jax.models import VQVAE, VQVAEConfig, abstract
 from var_jax.models.perceptual import PatchDiscriminator, load_lpips_params, lpips
+from var_jax.parallel import distributed, sharding
+from var_jax.training import configs, loop
+from var_jax.utils import cli, viz
 
 
 def vqvae_config_from(model_cfg) -> VQVAEConfig:

@@ -40,10 +40,10 @@ import numpy as np
 from flax import nnx
 
 from var_jax import bench
-from var_jax.training import configs
-from var_jax.sampling import generate
 from var_jax.benchmarks.official import NotComparable
 from var_jax.models import VARConfig, VQVAEConfig, abstract, create, vqvae_config
+from var_jax.sampling import generate
+from var_jax.training import configs
 
 WORKLOADS = ('train', 'train_encode', 'sample', 'encode', 'decode')
 WHAT = {

@@ -295,8 +295,8 @@ def part_sample(args, part: Part):
     import jax  # noqa: PLC0415
     import numpy as np  # noqa: PLC0415
 
-    from var_jax.sampling import generate  # noqa: PLC0415
     from var_jax.models import create, var_config, vqvae_config  # noqa: PLC0415
+    from var_jax.sampling import generate  # noqa: PLC0415
 
     if args.smoke:
         from var_jax.models import VARConfig  # noqa: PLC0415
@@ -329,8 +329,8 @@ def part_sample(args, part: Part):
 
 def part_memory(args, part: Part):
     from var_jax import bench
-    from var_jax.training import loop  # noqa: PLC0415
     from var_jax.train import VARTask  # noqa: PLC0415
+    from var_jax.training import loop  # noqa: PLC0415
 
     batch = 2 if args.smoke else MEMORY_BATCH
     config, vq = _var_config(args, 30, batch)

@@ -48,7 +48,6 @@ import pathlib
 import sys
 import types
 
-
 # names the official train.py excludes from weight decay (utils/lr_control.filter_params nowd_keys)
 NOWD_KEYS = ('cls_token', 'start_token', 'task_token', 'cfg_uncond', 'pos_embed', 'pos_1LC', 'pos_start',
              'start_pos', 'lvl_embed', 'gamma', 'beta', 'ada_gss', 'moe_bias', 'scale_mul')

@@ -29,12 +29,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from scipy import linalg
 
-from var_jax.utils import metrics
 from var_jax.eval.inception import InceptionV3, load_inception
 from var_jax.eval.inputs import NpzImages, Reference, check_same_size, read_reference
+from var_jax.utils import metrics
 
 IS_SPLIT = 5000         # ADM compute_inception_score(split_size=5000)
 NHOOD = 3               # ADM ManifoldEstimator(nhood_sizes=(3,))

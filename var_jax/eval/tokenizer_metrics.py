@@ -35,13 +35,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from var_jax.utils import metrics
 from var_jax.eval import adm
 from var_jax.eval.inception import InceptionV3
 from var_jax.models import PATCH_NUMS, VQVAEConfig
 from var_jax.models.perceptual import lpips
+from var_jax.utils import metrics
 
 MSE_FLOOR = 255.0 ** 2 * 1e-10  # PSNR cap of 100 dB, the floor of the tokenizer trainer's eval/psnr
 LPIPS_MIN_SIZE = 16  # VGG16 pools four times before relu5_3; smaller images leave it empty

@@ -24,7 +24,6 @@ import struct
 
 import numpy as np
 
-
 MAGIC_NUMBER = 0x1950a86a20f9469cfc6c
 PROTOCOL_VERSION = 1001
 

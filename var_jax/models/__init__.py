@@ -12,8 +12,16 @@ from typing import Any, TypeVar
 import jax
 from flax import nnx
 
-from var_jax.models.config import (PATCH_NUMS, PATCH_NUMS_256, PATCH_NUMS_512, VARConfig, VQVAEConfig,
-                                   check_pair, var_config, vqvae_config)
+from var_jax.models.config import (
+    PATCH_NUMS,
+    PATCH_NUMS_256,
+    PATCH_NUMS_512,
+    VARConfig,
+    VQVAEConfig,
+    check_pair,
+    var_config,
+    vqvae_config,
+)
 from var_jax.models.var import VAR
 from var_jax.models.vqvae import VQVAE
 

@@ -17,7 +17,6 @@ from flax import nnx
 from var_jax.models.config import VQVAEConfig, to_jnp_dtype
 from var_jax.models.quantizer import MultiScaleQuantizer
 
-
 # torch's default Conv2d init (kaiming-uniform, a=sqrt(5)); also much cheaper to compile than
 # flax's truncated-normal default. Official weights replace it; tokenizer training starts from it.
 _CONV_INIT = nnx.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')

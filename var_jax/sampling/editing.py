@@ -32,8 +32,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from var_jax.sampling import generate
 from var_jax.models import VAR, VQVAE
+from var_jax.sampling import generate
 
 ALWAYS_KEEP = 3  # scales with pn*pn <= 3 tokens are never edited (official `if ph * pw <= 3`)
 

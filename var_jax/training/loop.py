@@ -28,11 +28,10 @@ import numpy as np
 import optax
 from flax import struct
 
-from var_jax.io import checkpoint
-from var_jax.parallel import distributed
-from var_jax.utils import metrics
-from var_jax.parallel import sharding
 from var_jax.data.pipeline import make_dataset
+from var_jax.io import checkpoint
+from var_jax.parallel import distributed, sharding
+from var_jax.utils import metrics
 
 IMAGENET_TRAIN = 1_281_167  # schedule length for a dry run, which reads no data
 # Tests set this to make the process SIGKILL itself after that step (once pending checkpoint
