@@ -6,12 +6,10 @@ import os
 import struct
 import zipfile
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_VQ, fixture_dir
-from flax import nnx
 from PIL import Image
 
 from var_jax import convert

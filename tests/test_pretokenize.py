@@ -8,7 +8,6 @@ sources. Models are the tiny 16 px tokenizer / depth-2 VAR of test_train.py.
 """
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -17,7 +16,6 @@ import jax
 import numpy as np
 import pytest
 from conftest import REPO, override, prepare_tiny_tfds
-from flax import nnx
 from PIL import Image
 from test_train import TOK, tokenizer_dir  # noqa: E402,F401  (the same tiny tokenizer and its fixture)
 

@@ -22,7 +22,7 @@ from var_jax import edit as edit_cli
 from var_jax import sample as sample_cli
 from var_jax.io import checkpoint
 from var_jax.models import abstract
-from var_jax.sampling import editing, generate
+from var_jax.sampling import editing, generate, settings
 
 PNS = (1, 2, 4)  # 8 px images
 VQ, VAR_CFG = TINY_VQ.replace(patch_nums=PNS), TINY_VAR.replace(patch_nums=PNS, depth=1)
@@ -112,16 +112,16 @@ def test_grid_progression_and_seeds(ckpt, tmp_path, capsys):
 
 def test_class_names_and_presets(ckpt):
     _, var_cfg, meta = checkpoint.read_model_json(ckpt / 'model')
-    names = sample_cli.class_names(meta, var_cfg.num_classes)
-    assert sample_cli.row_label(3, names) == '3 name3'
-    imagenet = sample_cli.class_names({'class_names': [f'n{i:08d}' for i in range(1000)]}, 1000)
+    names = settings.class_names(meta, var_cfg.num_classes)
+    assert settings.row_label(3, names) == '3 name3'
+    imagenet = settings.class_names({'class_names': [f'n{i:08d}' for i in range(1000)]}, 1000)
     assert imagenet[207] == 'golden retriever' and imagenet[974] == 'geyser', 'synset ids give way to names'
-    assert sample_cli.class_names({}, 1000)[0] == 'tench' and sample_cli.class_names({}, 7) is None
+    assert settings.class_names({}, 1000)[0] == 'tench' and settings.class_names({}, 7) is None
     ns = sample_cli.build_parser().parse_args(['--checkpoint', 'x', '--npz', 'x.npz', '--preset', 'paper',
                                               '--top_p', '0.5'])
-    s = sample_cli.resolve_settings(ns, ns.preset)
+    s = settings.resolve_settings(ns, ns.preset)
     assert (s.cfg, s.top_k, s.top_p, s.more_smooth) == (2.0, 900, 0.5, False), 'a flag beats the preset'
-    assert sample_cli.PRESETS['official'] == dict(cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)
+    assert settings.PRESETS['official'] == dict(cfg=1.5, top_k=900, top_p=0.96, more_smooth=False)
 
 
 def test_help(capsys):
@@ -348,7 +348,7 @@ def test_output_format_force_top_p_0_and_dtype(ckpt, tmp_path, capsys, loads):
     args = ['--classes', '3', '--per_class', 2, '--batch_size', 8, '--top_p', 0, '--out', jpg]
     sample(ckpt, capsys, *args)
     assert jpg.read_bytes()[:3] == b'\xff\xd8\xff' and Image.open(jpg).format == 'JPEG'
-    assert sample_cli.check_settings(1.5, 900, 0, False).top_p == 0
+    assert settings.check_settings(1.5, 900, 0, False).top_p == 0
     rc, err = run(sample_cli.main, ['--checkpoint', ckpt / 'model', *args], capsys)
     assert rc == 2 and 'exists' in err
     jpg.write_bytes(b'old')

@@ -75,7 +75,7 @@ def test_gan_lpips_and_ema_paths(tmp_path):
 
 def test_fine_tune_from_a_model_checkpoint(tmp_path):
     c = tiny_config(total_steps=2)
-    start = create(train_tokenizer.vqvae_config_from(c.model), seed=7)
+    start = create(configs.vqvae_model_config(c.model), seed=7)
     checkpoint.save_model(tmp_path / 'init', vqvae=start)
     c.init_from = str(tmp_path / 'init')
     train_tokenizer.run(c, tmp_path / 'w')

@@ -61,8 +61,8 @@ from flax import nnx
 
 from var_jax.models import VARConfig, VQVAEConfig, create, var_config, vqvae_config
 from var_jax.models.config import ATTENTION
-from var_jax.sample import Parser, check_settings
 from var_jax.sampling import generate
+from var_jax.sampling.settings import check_settings
 from var_jax.training import configs
 from var_jax.utils import cli
 
@@ -168,10 +168,9 @@ def is_tokenizer_config(config) -> bool:
 
 def tokenizer_config(config) -> VQVAEConfig:
     """The tokenizer a VAR training config trains with: its `tokenizer.train.model`, else the official one."""
-    from var_jax.train_tokenizer import vqvae_config_from  # noqa: PLC0415
 
     t = config.tokenizer.get('train')
-    return vqvae_config_from(t.model) if t and 'model' in t else vqvae_config(
+    return configs.vqvae_model_config(t.model) if t and 'model' in t else vqvae_config(
         patch_nums=configs.patch_nums_of(config.model))
 
 
@@ -209,7 +208,7 @@ def _train_step_program(config, batch: int, baseline: bool, from_tokens: bool = 
     from var_jax.models import var as var_module  # noqa: PLC0415
     from var_jax.parallel import sharding
     from var_jax.train import VARTask  # noqa: PLC0415
-    from var_jax.train_tokenizer import TokenizerTask, vqvae_config_from  # noqa: PLC0415
+    from var_jax.train_tokenizer import TokenizerTask  # noqa: PLC0415
     from var_jax.training import loop  # noqa: PLC0415
 
     config = _one_device_config(config, batch, tokenizer)
@@ -217,7 +216,7 @@ def _train_step_program(config, batch: int, baseline: bool, from_tokens: bool = 
     if from_tokens:  # the step of data.source='tokens': token batches, no encoder (var_jax/pretokenize.py)
         config.data.update(source='tokens', path='(random tokens)')
     if is_tokenizer_config(config):
-        vq_cfg = vqvae_config_from(config.model)
+        vq_cfg = configs.vqvae_model_config(config.model)
         config.data.image_size = vq_cfg.image_size
         task = TokenizerTask(config, tempfile.gettempdir())
         losses = [f'{k} {config.loss[k]:g}' for k in ('l1', 'l2', 'lpips', 'gan') if config.loss[k]]
@@ -334,9 +333,9 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog='python -m var_jax.bench', description=__doc__.split('\n\n')[0], allow_abbrev=False,
+    p = cli.Parser(prog='python -m var_jax.bench', description=__doc__.split('\n\n')[0], allow_abbrev=False,
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 1)[1])
-    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND', parser_class=Parser)
+    sub = p.add_subparsers(dest='command', required=True, metavar='COMMAND', parser_class=cli.Parser)
 
     s = sub.add_parser('sample', help='sampling throughput (transformer and decode)', allow_abbrev=False)
     model = s.add_mutually_exclusive_group(required=True)

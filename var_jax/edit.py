@@ -30,8 +30,9 @@ from PIL import Image, ImageOps
 
 from var_jax.data.images import to_l8, to_rgb8
 from var_jax.io import outputs
-from var_jax.sample import Parser, add_sampling_flags, check_settings, open_checkpoint
+from var_jax.sample import open_checkpoint
 from var_jax.sampling import editing
+from var_jax.sampling.settings import add_sampling_flags, check_settings
 from var_jax.utils import cli
 
 DEMO = dict(cfg=3.0, top_k=900, top_p=0.95, more_smooth=True)  # demo_zero_shot_edit.ipynb's call
@@ -63,7 +64,7 @@ def load_inputs(image_path: str, mask_path: str, size: int) -> tuple[np.ndarray,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog='python -m var_jax.edit', description=__doc__.split('\n\n')[0], allow_abbrev=False,
+    p = cli.Parser(prog='python -m var_jax.edit', description=__doc__.split('\n\n')[0], allow_abbrev=False,
                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split('\n\n', 1)[1])
     p.add_argument('--checkpoint', required=True, help='converted checkpoint or training workdir')
     p.add_argument('--step', type=int, help='training workdirs: the step to load (default: the latest)')

@@ -89,9 +89,8 @@ class VARTask(loop.Task):
             if (local / checkpoint.MODEL_FILE).exists():
                 path = str(local)
             elif self.dry_run and tcfg.get('train'):  # the tokenizer this run would train first
-                from var_jax.train_tokenizer import vqvae_config_from  # noqa: PLC0415
 
-                return vqvae_config_from(tcfg.train.model), None, None
+                return configs.vqvae_model_config(tcfg.train.model), None, None
             elif self.dry_run:  # compile against the official-size tokenizer; no weights needed
                 return vqvae_config(patch_nums=configs.patch_nums_of(self.config.model)), None, None
             else:
@@ -115,12 +114,7 @@ class VARTask(loop.Task):
         if self.config.data.image_size != vq.image_size:
             raise ValueError(f'config.data.image_size is {self.config.data.image_size} but the tokenizer '
                              f'works on {vq.image_size}px images')
-        n = m.num_classes or (self.source.num_classes if self.source is not None else 1000)
-        return VARConfig(depth=m.depth, width=m.width, num_heads=m.num_heads, num_classes=n,
-                         vocab_size=vq.vocab_size, cvae=vq.z_channels, patch_nums=vq.patch_nums,
-                         shared_aln=m.shared_aln, cond_drop_rate=m.cond_drop_rate, drop_path_rate=m.drop_path_rate,
-                         init_adaln=m.aln, init_adaln_gamma=m.alng, dtype=m.dtype, attention=m.attention,
-                         remat=m.remat, scan_layers=m.scan_layers)
+        return configs.var_model_config(m, vq, self.source.num_classes if self.source is not None else 1000)
 
     def model_configs(self):
         return {'vqvae': self.vq_cfg, 'var': self.var_cfg, 'tokenizer': self.tokenizer_ref,

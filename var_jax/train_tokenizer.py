@@ -25,20 +25,11 @@ from flax import nnx
 
 from var_jax.data.pipeline import make_dataset
 from var_jax.io import checkpoint
-from var_jax.models import VQVAE, VQVAEConfig, abstract
+from var_jax.models import VQVAE, abstract
 from var_jax.models.perceptual import PatchDiscriminator, load_lpips_params, lpips
 from var_jax.parallel import distributed, sharding
 from var_jax.training import configs, loop
 from var_jax.utils import cli, viz
-
-
-def vqvae_config_from(model_cfg) -> VQVAEConfig:
-    m = model_cfg
-    return VQVAEConfig(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.ch, ch_mult=tuple(m.ch_mult),
-                       num_res_blocks=m.num_res_blocks, using_sa=m.using_sa, using_mid_sa=m.using_mid_sa,
-                       num_groups=m.num_groups, beta=m.beta, using_znorm=m.using_znorm, quant_conv_ks=m.quant_conv_ks,
-                       quant_resi=m.quant_resi, share_quant_resi=m.share_quant_resi,
-                       patch_nums=configs.patch_nums_of(m), dtype=m.dtype)
 
 
 def _conv(h, kernel, bias):
@@ -60,7 +51,7 @@ class TokenizerTask(loop.Task):
 
     def __init__(self, config, workdir):
         super().__init__(config, workdir)
-        self.vq_cfg = vqvae_config_from(config.model)
+        self.vq_cfg = configs.vqvae_model_config(config.model)
         if config.data.image_size != self.vq_cfg.image_size:
             raise ValueError(f'config.data.image_size {config.data.image_size} does not match the tokenizer '
                              f'({self.vq_cfg.image_size}px = patch_nums[-1] {self.vq_cfg.patch_nums[-1]} x '

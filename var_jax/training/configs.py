@@ -22,7 +22,7 @@ import traceback
 
 from ml_collections import ConfigDict
 
-from var_jax.models import PATCH_NUMS
+from var_jax.models import PATCH_NUMS, VARConfig, VQVAEConfig
 
 DATA_SOURCES = ('builtin', 'imagefolder', 'tfds', 'tokens')  # tokens: VAR only (python -m var_jax.pretokenize)
 
@@ -221,6 +221,27 @@ def check(config: ConfigDict, kind: str) -> None:
         need(o.sched in ('lin0', 'cos', 'const'), f"optim.sched must be 'lin0', 'cos' or 'const', got {o.sched!r}")
         need(m.depth >= 1, f'model.depth must be >= 1, got {m.depth}')
         need(m.dtype in ('float32', 'bfloat16', 'float16'), f'model.dtype {m.dtype!r} is not a float dtype')
+
+
+def vqvae_model_config(model_cfg) -> VQVAEConfig:
+    """The tokenizer's model dataclass from `config.model` of a tokenizer run."""
+    m = model_cfg
+    return VQVAEConfig(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.ch, ch_mult=tuple(m.ch_mult),
+                       num_res_blocks=m.num_res_blocks, using_sa=m.using_sa, using_mid_sa=m.using_mid_sa,
+                       num_groups=m.num_groups, beta=m.beta, using_znorm=m.using_znorm, quant_conv_ks=m.quant_conv_ks,
+                       quant_resi=m.quant_resi, share_quant_resi=m.share_quant_resi,
+                       patch_nums=patch_nums_of(m), dtype=m.dtype)
+
+
+def var_model_config(model_cfg, vq: VQVAEConfig, num_classes: int) -> VARConfig:
+    """The VAR dataclass from `config.model` of a VAR run; vocabulary, latent channels and scales
+    come from its tokenizer `vq`, the class count from the data when `model.num_classes` is 0."""
+    m = model_cfg
+    return VARConfig(depth=m.depth, width=m.width, num_heads=m.num_heads, num_classes=m.num_classes or num_classes,
+                     vocab_size=vq.vocab_size, cvae=vq.z_channels, patch_nums=vq.patch_nums,
+                     shared_aln=m.shared_aln, cond_drop_rate=m.cond_drop_rate, drop_path_rate=m.drop_path_rate,
+                     init_adaln=m.aln, init_adaln_gamma=m.alng, dtype=m.dtype, attention=m.attention,
+                     remat=m.remat, scan_layers=m.scan_layers)
 
 
 def patch_nums_of(model_cfg) -> tuple[int, ...]:

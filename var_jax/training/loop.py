@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import signal
 import socket
 import sys

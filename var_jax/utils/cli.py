@@ -6,6 +6,7 @@ genuine bugs show a traceback.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
@@ -13,6 +14,15 @@ import traceback
 from typing import Callable
 
 EXPECTED = (ValueError, FileNotFoundError, FloatingPointError)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the one error style: a bad flag is an expected mistake (`run` prints it)."""
+
+    def error(self, message):  # argparse prints usage and exits; keep it to one `error:` line, code 2
+        raise ValueError(f'{message} (see --help)')
+
+
 
 
 def quiet_logs() -> None:
