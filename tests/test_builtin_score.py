@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import TINY_VAR, TINY_VQ
 from scipy import linalg
 
 from var_jax import evaluate
@@ -166,8 +167,6 @@ def test_stored_score_only_for_the_same_settings_and_checkpoint(judge, tiny_work
 
 def _json_workdir(root, name, *, var=True, config=None, class_names=None):
     """model.json (and config.json) only: all that the checks before JAX read."""
-    from conftest import TINY_VAR, TINY_VQ
-
     d = root / name
     extra = {'class_names': list(class_names)} if class_names else {}
     checkpoint.write_model_json(d, vqvae=TINY_VQ, var=TINY_VAR if var else None, **extra)
@@ -194,6 +193,8 @@ CLI_CASES = {
                    "trained on data.source='imagefolder'"),
     'bad per_class': (lambda d: [str(d), '--per_class', '0'], 'per_class must be an integer in [1, 1000]'),
     'negative cfg': (lambda d: [str(d), '--cfg', '-1'], 'cfg must be >= 0'),
+    'infinite cfg': (lambda d: [str(d), '--cfg', 'inf'], 'cfg must be >= 0'),
+    'bad top_p': (lambda d: [str(d), '--top_p', '1.5'], 'top_p must be in [0, 1] (0 = off)'),
     'both modes': (lambda d: [str(d), '--samples', 'x.npz'], 'not both'),
 }
 

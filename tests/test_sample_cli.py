@@ -20,9 +20,12 @@ from PIL import Image
 
 from var_jax import edit as edit_cli
 from var_jax import sample as sample_cli
+from var_jax.data import images
+from var_jax.eval.inputs import NpzImages
 from var_jax.io import checkpoint
 from var_jax.models import abstract
 from var_jax.sampling import editing, generate, settings
+from var_jax.sampling.npz import file_order
 
 PNS = (1, 2, 4)  # 8 px images
 VQ, VAR_CFG = TINY_VQ.replace(patch_nums=PNS), TINY_VAR.replace(patch_nums=PNS, depth=1)
@@ -150,15 +153,13 @@ def test_npz_format_and_order(ckpt, reference_npz, tmp_path, capsys):
     assert x.dtype == np.uint8 and x.shape == (20, 8, 8, 3)
     assert np.bincount(labels).tolist() == [2] * 10, 'all classes by default, per_class each'
     assert labels.tolist() != sorted(labels.tolist()), 'stored in shuffled, not class-sorted, order'
-    np.testing.assert_array_equal(labels, sample_cli.file_order(range(10), 2, 0)[0])
+    np.testing.assert_array_equal(labels, file_order(range(10), 2, 0)[0])
     assert not (reference_npz.parent / 'ref.npz.parts').exists()
-    from var_jax.eval.inputs import NpzImages
-
     assert len(NpzImages(reference_npz)) == 20  # what var_jax.evaluate reads
 
     grid_png = tmp_path / 'grid.png'  # the same (class, index) gives the same image in a grid
     sample(ckpt, capsys, '--classes', 7, '--per_class', 2, '--preset', 'official', '--batch_size', 8, '--out', grid_png)
-    grid, labels, index = png(grid_png), *sample_cli.file_order(range(10), 2, 0)
+    grid, labels, index = png(grid_png), *file_order(range(10), 2, 0)
     for i in range(2):
         np.testing.assert_array_equal(cell(grid, 0, from_right=1 - i)[::8, ::8], x[(labels == 7) & (index == i)][0])
 
@@ -217,7 +218,7 @@ def test_edit_keeps_unmasked_tokens(ckpt, tmp_path, capsys):
 
     # the library call the command makes: unmasked tokens are the input's at every scale
     vqvae, var = checkpoint.load_model(ckpt / 'model', need_var=True)
-    rgb, m = edit_cli.load_inputs(str(image), str(mask), 8)
+    rgb, m = images.load_image_and_mask(str(image), str(mask), 8)
     assert m.shape == (8, 8) and 0 < m.mean() < 1 and rgb.shape == (8, 8, 3)
     want = vqvae.img_to_idx(jnp.asarray(rgb[None]) * 2 - 1)
     key = jax.random.key(0)
@@ -326,7 +327,8 @@ def test_outputs_checked_before_loading(ckpt, tmp_path, capsys, loads, tool, cas
     (tmp_path / 'dir.png').mkdir()
     (tmp_path / 'dir.npz').mkdir()
     out = {'exists': 'taken.png', 'directory': 'dir.png', 'no parent': 'no/g.png',
-           'parent is a file': 'taken.png/g.png', 'suffix': 'g.xyz', 'npz exists': 'taken.npz', 'npz directory': 'dir.npz', 'npz no parent': 'no/s.npz'}[case]
+           'parent is a file': 'taken.png/g.png', 'suffix': 'g.xyz', 'npz exists': 'taken.npz',
+           'npz directory': 'dir.npz', 'npz no parent': 'no/s.npz'}[case]
     flag = '--npz' if case.startswith('npz') else '--out'
     before = sorted(str(p) for p in tmp_path.rglob('*'))
     if tool == 'sample':
@@ -362,7 +364,7 @@ def test_output_format_force_top_p_0_and_dtype(ckpt, tmp_path, capsys, loads):
     assert Image.open(edited).format == 'WEBP'
     assert all(kw.get('dtype') is None for kw in loads)
 
-    ck = sample_cli.open_checkpoint(str(ckpt / 'model'))
+    ck = checkpoint.open_checkpoint(str(ckpt / 'model'))
     vq, var = ck.load(dtype='bfloat16')
     assert vq.config.dtype == var.config.dtype == 'bfloat16'
     assert {x.dtype for x in jax.tree.leaves(nnx.state(var, nnx.Param))} == {jnp.dtype('float32')}
@@ -383,7 +385,7 @@ def test_edit_reads_16_bit_images(tmp_path):
     m = np.zeros((8, 8), np.uint16)
     m[:4] = 65535
     Image.fromarray(m).save(tmp_path / 'mask16.png')
-    rgb, mask = edit_cli.load_inputs(str(tmp_path / 'grey16.png'), str(tmp_path / 'mask16.png'), 8)
+    rgb, mask = images.load_image_and_mask(str(tmp_path / 'grey16.png'), str(tmp_path / 'mask16.png'), 8)
     np.testing.assert_allclose(rgb, 128 / 255, atol=1e-6)
     np.testing.assert_array_equal(mask, (m > 0).astype(np.float64))
 

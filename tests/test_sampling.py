@@ -1,14 +1,17 @@
 """Sampler behaviour: official top-k/top-p semantics, seeding, no recompilation, bad arguments."""
 from __future__ import annotations
 
+import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import TINY_VAR
 
-from var_jax.sampling import generate
+from var_jax.sampling import batch, generate
 from var_jax.sampling.generate import filter_logits
+from var_jax.sampling.settings import EDIT_DEMO, Settings, check_labels, check_settings, resolve_settings
 
 
 def official_filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
@@ -197,13 +200,44 @@ def test_top_k_path_equals_the_full_sort(top_k, top_p, small_capacity):
     np.testing.assert_array_equal(kept(logits, top_k, top_p), want)
 
 
-def test_top_of_the_sort_keeps_the_stable_tie_order():
-    logits = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
-    logits[0, [3, 9, 40, 41]] = 5.0  # tied maximum: the stable ascending sort puts 3 first, 41 last
-    logits[1, 20:30] = np.sort(logits[1])[-12]  # a tie group straddling the 24th largest
-    srt, order = generate._sorted_top(jnp.asarray(logits), *jax.lax.top_k(jnp.asarray(logits)[:, ::-1], 24))
-    srt_ref, order_ref = generate._sorted_full(jnp.asarray(logits))
-    np.testing.assert_array_equal(srt[:, -24:], srt_ref[:, -24:])
-    np.testing.assert_array_equal(order[:, -24:], order_ref[:, -24:])
-    assert np.asarray(order)[0, -4:].tolist() == [3, 9, 40, 41]
-    assert np.isneginf(np.asarray(srt)[:, :-24]).all()
+# ---------------------------------------------------------------------------- one check, one sampler
+def test_one_settings_check_and_one_label_check():
+    """Flags and library arguments go through one check with one convention (0 = off); class
+    indices through one range check (the null class only where unconditional rows are allowed)."""
+    assert check_settings(0, 0, 0) == Settings(0.0, 0, 0.0, False)
+    with pytest.raises(ValueError, match=r'^--top_k must be a non-negative integer \(0 = off\), got 2.5'):
+        check_settings(1.5, 2.5, 0.5)
+    with pytest.raises(ValueError, match=r'^top_p must be in \[0, 1\] \(0 = off\), got 1.5'):
+        check_settings(1.5, 0, 1.5, prefix='')
+    for cfg in (-1.0, float('inf'), float('nan')):
+        with pytest.raises(ValueError, match='^--cfg must be >= 0'):
+            check_settings(cfg, 0, 0.0)
+    args = argparse.Namespace(cfg=None, top_k=5, top_p=None, more_smooth=None)
+    assert resolve_settings(args, EDIT_DEMO) == Settings(3.0, 5, 0.95, True), 'a flag beats the defaults'
+
+    check_labels([0, 9], 10)
+    check_labels(10, 10, null_ok=True)
+    with pytest.raises(ValueError, match=r'^unknown class 10: this model has classes 0..9$'):
+        check_labels([3, 10, 11], 10)
+    with pytest.raises(ValueError, match='unknown class -1: .* 10, the null class'):
+        check_labels(np.array([-1, 10]), 10, null_ok=True)
+
+
+def test_batch_sampler_pads_the_last_batch(tiny_var, tiny_vqvae, monkeypatch):
+    """5 images in batches of 2: every call has the compiled size (the tail padded), the padding is
+    cut off again, and the images are those of keys image_keys(seed, class, index) in one batch."""
+    labels, index = np.array([1, 1, 4, 4, 9]), np.array([0, 1, 0, 1, 0])
+    s = check_settings(2.0, 5, 0.0)
+    ref, _ = generate.sample(tiny_var, tiny_vqvae, labels, generate.image_keys(3, labels, index), s.cfg, s.top_k,
+                             s.top_p)
+    shapes, real = [], generate.sample
+    monkeypatch.setattr(generate, 'sample', lambda var, vq, lab, *a, **kw: shapes.append(lab.shape) or real(
+        var, vq, lab, *a, **kw))
+    out = list(batch.Sampler(tiny_var, tiny_vqvae, s, 3, batch_size=2).run(labels, index))
+    assert shapes == [(2,)] * 3
+    assert [start for start, _, _ in out] == [0, 2, 4] and [len(im) for _, im, _ in out] == [2, 2, 1]
+    images = np.concatenate([im for _, im, _ in out])
+    assert images.dtype == np.float32
+    np.testing.assert_allclose(images, ref, atol=1e-6)
+    u8 = batch.Sampler(tiny_var, tiny_vqvae, s, 3, batch_size=2, uint8=True).sample(labels, index)
+    assert u8.dtype == np.uint8 and np.abs(u8 - np.round(255 * images)).max() <= 1  # rounded on the devices

@@ -83,8 +83,7 @@ def preset(name: str, dtype: str) -> tuple[VQVAEConfig, VARConfig]:
 def build_models(args):
     """-> (vqvae, var, description) from --model (random weights) or --checkpoint."""
     if args.checkpoint:
-        from var_jax.io.checkpoint import merge_params  # noqa: PLC0415
-        from var_jax.sample import open_checkpoint  # noqa: PLC0415
+        from var_jax.io.checkpoint import merge_params, open_checkpoint  # noqa: PLC0415
 
         ck = open_checkpoint(args.checkpoint, args.step)
         vqvae, var = ck.load()

@@ -25,10 +25,14 @@ import numpy as np
 from etils import epath
 
 from var_jax.data import builtin
+from var_jax.sampling.settings import Settings, check_settings
 
 EVAL_FILE = 'eval.json'
 DEFAULT_CFG = 5.0  # when the workdir's config.json names no sample.cfg (the tiny recipe's value)
 SAMPLE_BATCH = 100  # images per sampler call: one compiled program; larger batches were slower per image on CPU
+# JAX (and what imports it: the sampler, the checkpoint reader, the judge) is imported inside the
+# functions that need it, after the inputs are known good: `python -m var_jax.evaluate --workdir`
+# reports a bad input at once, before JAX starts.
 MAX_PER_CLASS = 1000  # the train split has 1,000 images per class (the train-vs-test floor uses them)
 
 
@@ -73,15 +77,9 @@ def check_workdir(workdir) -> dict:
     return {'cfg': float(cfg) if cfg is not None else DEFAULT_CFG}
 
 
-def check_settings(per_class, cfg, top_k, top_p) -> None:
+def check_per_class(per_class) -> None:
     if not 1 <= per_class <= MAX_PER_CLASS or int(per_class) != per_class:
         raise ValueError(f'per_class must be an integer in [1, {MAX_PER_CLASS}], got {per_class}')
-    if cfg is not None and not cfg >= 0:
-        raise ValueError(f'cfg must be >= 0, got {cfg}')
-    if int(top_k) != top_k or top_k < 0:
-        raise ValueError(f'top_k must be a non-negative integer (0 = off), got {top_k}')
-    if not 0 <= top_p <= 1:
-        raise ValueError(f'top_p must be in [0, 1] (0 = off), got {top_p}')
 
 
 # ---------------------------------------------------------------------------- Fréchet distance
@@ -122,36 +120,24 @@ def _baselines(train: np.ndarray, train_labels: np.ndarray, n: int, per_class: i
     return {'noise': noise, 'class_means': np.repeat(class_means, per_class, axis=0)}
 
 
-def _chunks(n: int, batch: int):
-    for i in range(0, n, batch):
-        yield i, min(i + batch, n)
-
-
-def _pad(x: np.ndarray, batch: int) -> np.ndarray:
-    """Pad the tail chunk with copies of its first row: every call has the same shape."""
-    return x if len(x) == batch else np.concatenate([x, np.repeat(x[:1], batch - len(x), axis=0)])
-
-
 def _samples(var, vqvae, labels, index, *, cfg, top_k, top_p, seed) -> np.ndarray:
-    from var_jax.sampling import generate  # noqa: PLC0415
+    """Float images in [0, 1], SAMPLE_BATCH at a time on the parameters' device (keys
+    `image_keys(seed, class, index)`, the last batch padded)."""
+    from var_jax.sampling import batch  # noqa: PLC0415  (JAX; see the note above)
 
-    batch = min(SAMPLE_BATCH, len(labels))
-    out = []
-    for i, j in _chunks(len(labels), batch):
-        lab, idx = _pad(labels[i:j], batch), _pad(index[i:j], batch)
-        images, _ = generate.sample(var, vqvae, lab, generate.image_keys(seed, lab, idx), cfg=cfg, top_k=top_k,
-                                    top_p=top_p)
-        out.append(np.asarray(images)[:j - i])
-    return np.concatenate(out)
+    settings = Settings(float(cfg), int(top_k), float(top_p), more_smooth=False)
+    return batch.Sampler(var, vqvae, settings, seed, min(SAMPLE_BATCH, len(labels))).sample(labels, index)
 
 
 def _reconstructions(vqvae, images: np.ndarray) -> np.ndarray:
-    batch = min(SAMPLE_BATCH, len(images))
+    from var_jax.sampling.batch import pad_rows  # noqa: PLC0415  (JAX; see the note above)
+
+    size = min(SAMPLE_BATCH, len(images))
     out = []
-    for i, j in _chunks(len(images), batch):
-        x = _pad(images[i:j], batch) * 2 - 1
-        rec = vqvae.idx_to_img(vqvae.img_to_idx(x))
-        out.append((np.asarray(rec)[:j - i] + 1) / 2)
+    for i in range(0, len(images), size):
+        chunk = images[i:i + size]
+        rec = vqvae.idx_to_img(vqvae.img_to_idx(pad_rows(chunk, size) * 2 - 1))
+        out.append((np.asarray(rec)[:len(chunk)] + 1) / 2)
     return np.concatenate(out)
 
 
@@ -171,11 +157,12 @@ def score(workdir, *, per_class: int = 100, cfg: float | None = None, top_k: int
     Images of another size than the judge's 32x32 are resized (antialiased) for it, real ones too.
     """
     t0 = time.time()
-    check_settings(per_class, cfg, top_k, top_p)
+    check_per_class(per_class)
+    check_settings(DEFAULT_CFG if cfg is None else cfg, top_k, top_p, prefix='')  # cfg None: the workdir's
     info = check_workdir(workdir)
     cfg = info['cfg'] if cfg is None else float(cfg)
 
-    import jax  # noqa: PLC0415  (after the inputs are known good)
+    import jax  # noqa: PLC0415  (JAX; see the note above)
 
     from var_jax.eval import classifier  # noqa: PLC0415
     from var_jax.io import checkpoint  # noqa: PLC0415
@@ -189,7 +176,7 @@ def score(workdir, *, per_class: int = 100, cfg: float | None = None, top_k: int
         print(f'[eval] {name}: {timings[name]:.0f} s', file=sys.stderr, flush=True)
         return result
 
-    vqvae, var = timed('load', checkpoint.load_model, workdir, need_var=True)  # first: fails fast
+    vqvae, var = timed('load', checkpoint.open_checkpoint(workdir).load)  # first: fails fast
     judge = timed('judge', classifier.get_judge, seed=0)  # one fixed judge: comparable across runs and seeds
     size = vqvae.config.image_size
     n = per_class * builtin.NUM_CLASSES

@@ -3,7 +3,8 @@
 A *model checkpoint* directory holds `model.json` (the model configs) and `params/` (an Orbax
 checkpoint of {'vqvae': ..., 'var': ...} parameter states). A *training workdir* holds the same
 `model.json` plus `checkpoints/<step>/` written by `TrainCheckpointer`; `load_model` reads either,
-so `python -m var_jax.sample --checkpoint` takes a converted checkpoint or a training workdir.
+so `python -m var_jax.sample --checkpoint` takes a converted checkpoint or a training workdir
+(`open_checkpoint`: the one way to open either for sampling, reading model.json only).
 Writes go to a temporary sibling and are renamed into place: an interrupted save leaves nothing
 half-written under the final name. A step that is there but does not read back (a cut or damaged
 file) is *damaged*: training falls back to the newest intact step (`TrainCheckpointer.restore_intact`,
@@ -12,6 +13,8 @@ and the intact steps in one error line (`restore_params`); docs/reliability.md.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -213,6 +216,57 @@ def load_model(path, *, step: int | None = None, need_var: bool = False, tokeniz
     return vqvae, var
 
 
+@dataclasses.dataclass
+class Checkpoint:
+    """A VAR checkpoint opened for sampling: its configs are read, its parameters not yet."""
+    path: epath.Path
+    vq_cfg: VQVAEConfig
+    var_cfg: VARConfig
+    meta: dict
+    step: int | None  # training workdirs: the step loaded
+
+    @property
+    def num_classes(self) -> int:
+        return self.var_cfg.num_classes
+
+    @property
+    def image_size(self) -> int:
+        return self.vq_cfg.image_size
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256((self.path / MODEL_FILE).read_bytes()).hexdigest()[:16]
+
+    def load(self, dtype: str | None = None):
+        """-> (vqvae, var); the parameters are read only now, after every cheap check passed.
+        `dtype`: compute dtype of both models (None: as saved)."""
+        return load_model(self.path, step=self.step, need_var=True, dtype=dtype)
+
+
+def open_checkpoint(path, step: int | None = None) -> Checkpoint:
+    """A converted checkpoint or a training workdir (its latest step unless `step`), for sampling.
+    Reads model.json only (fast); errors name the directory and what is wrong with it."""
+    d = epath.Path(path)
+    if not d.exists():
+        raise ValueError(f'{path}: no such checkpoint directory')
+    vq_cfg, var_cfg, meta = read_model_json(d)
+    if var_cfg is None:
+        raise ValueError(f'{path}: holds a tokenizer only; sampling needs a VAR checkpoint')
+    if vq_cfg is None:
+        raise ValueError(f'{path}: holds no tokenizer config')
+    if (d / 'params').exists():
+        if step is not None:
+            raise ValueError(f'{path}: --step applies to training workdirs, this is a converted checkpoint')
+    else:
+        ckpts = d / CHECKPOINTS
+        steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit()) if ckpts.exists() else []
+        if not steps:
+            raise ValueError(f'{path}: no parameters (no params/ and no saved step in {CHECKPOINTS}/)')
+        if step is not None and step not in steps:
+            raise ValueError(f'{path}: no step {step}; saved steps: {", ".join(map(str, steps))}')
+        step = steps[-1] if step is None else step
+    return Checkpoint(d, vq_cfg, var_cfg, meta, step)
+
+
 def _restore(directory, target, *, partial: bool = False):
     """`partial`: the directory may hold more models than `target`; only those in it are read."""
     try:
@@ -405,7 +459,8 @@ class TrainCheckpointer:
         names = set(meta.keys()) if meta is not None else set(target)
         unknown = sorted(n for n in names if n.removesuffix('_ema') not in target)
         if unknown:
-            raise ValueError(f'{self.workdir}: step {step} holds parameters {unknown} that model.json does not describe')
+            raise ValueError(f'{self.workdir}: step {step} holds parameters {unknown} that model.json does not '
+                             'describe')
         want = {n: target[n.removesuffix('_ema')] for n in names}  # an EMA copy has its model's shapes
         out = self.mngr.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(want)))['params']
         if not all_finite(out):

@@ -29,11 +29,18 @@ the hole in.
 """
 from __future__ import annotations
 
+import sys
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax.data.images import load_image_and_mask
+from var_jax.io import outputs
+from var_jax.io.checkpoint import open_checkpoint
 from var_jax.models import VAR, VQVAE
 from var_jax.sampling import generate
+from var_jax.sampling.settings import Settings, check_labels
 
 ALWAYS_KEEP = 3  # scales with pn*pn <= 3 tokens are never edited (official `if ph * pw <= 3`)
 
@@ -126,7 +133,40 @@ def outpaint(var: VAR, vqvae: VQVAE, images, keep, key, label: int | None = None
 
 def class_edit(var: VAR, vqvae: VQVAE, images, region, label: int, key, **kw):
     """Redraw `region` (1 = generate) as class `label`, guided by it; the rest stays."""
-    if label is None or not 0 <= int(label) < var.config.num_classes:
-        raise ValueError(f'class_edit needs a class in [0, {var.config.num_classes - 1}], got {label}')
+    if label is None:
+        raise ValueError('class_edit needs a class')
+    check_labels(label, var.config.num_classes)
     return edit(var, vqvae, images, region, label, key, **kw)
+
+
+# ---------------------------------------------------------------------------- one image file
+MODES = ('inpaint', 'outpaint', 'edit')
+
+
+def edit_file(checkpoint: str, image: str, mask: str, out: str, settings: Settings, *, mode: str = 'inpaint',
+              label: int | None = None, seed: int = 0, step: int | None = None, force: bool = False,
+              dtype: str | None = None) -> None:
+    """Edit the image file `image` under the mask file `mask` (white = the region of `mode`, see
+    var_jax.edit) with the checkpoint's models and write the S x S result to `out`. Unconditional
+    unless `label` is given (required for mode 'edit'). Inputs and the output path are checked
+    before the model is loaded."""
+    ck = open_checkpoint(checkpoint, step)
+    n = ck.num_classes
+    if label is None and mode == 'edit':
+        raise ValueError('--mode edit needs --class: the class to redraw the masked region as')
+    if label is not None:
+        check_labels(label, n)
+    rgb, m = load_image_and_mask(image, mask, ck.image_size)
+    outputs.image_format(out)  # before the model is loaded
+    outputs.check_file_output(out, force=force)
+    vqvae, var = ck.load(dtype)
+    label = n if label is None else label  # n: the null class, unconditional as in the demo
+    region = 1 - m if mode == 'outpaint' else m  # `edit` wants 1 = generate
+    edited, _, free = edit(var, vqvae, rgb[None], region, label, jax.random.key(seed), cfg=settings.cfg,
+                           top_k=settings.top_k, top_p=settings.top_p, more_smooth=settings.more_smooth)
+    outputs.save_image(out, np.asarray(edited[0]))
+    sampled = sum(int(f.sum()) for f in free)
+    print(f'wrote {out}: {mode}, {sampled}/{sum(f.size for f in free)} tokens generated, '
+          f'{"unconditional" if label == n else f"class {label}"}, {settings.describe()}, seed {seed}',
+          file=sys.stderr)
 

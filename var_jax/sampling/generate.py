@@ -20,6 +20,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.models import VAR, VQVAE, check_pair
+from var_jax.sampling.settings import check_labels, check_settings
 
 F32 = jnp.float32
 
@@ -203,17 +204,9 @@ def check_sampling_args(var: VAR, labels, cfg, top_k, top_p):
         labels = np.asarray(labels)  # host labels: checked without a device round trip
     if labels.ndim != 1 or not jnp.issubdtype(labels.dtype, jnp.integer) or labels.shape[0] < 1:
         raise ValueError(f'labels must be a non-empty integer vector (B,), got {labels.dtype} {labels.shape}')
-    n = var.config.num_classes
     if not isinstance(labels, jax.core.Tracer):
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi > n:
-            raise ValueError(f'class labels must be in [0, {n - 1}] (or {n} for unconditional), got [{lo}, {hi}]')
-    if cfg < 0:
-        raise ValueError(f'cfg must be >= 0, got {cfg}')
-    if int(top_k) != top_k or top_k < 0:
-        raise ValueError(f'top_k must be a non-negative integer (0 = off), got {top_k}')
-    if not 0 <= top_p <= 1:
-        raise ValueError(f'top_p must be in [0, 1] (0 = off), got {top_p}')
+        check_labels(labels, var.config.num_classes, null_ok=True)
+    check_settings(cfg, top_k, top_p, prefix='')
     return jnp.asarray(labels, jnp.int32)
 
 

@@ -1,7 +1,9 @@
 """Sampling settings and class labels: the one check of guidance / top-k / top-p, the presets,
 the flags every sampling command shares, and the one check of class indices.
 
-top-k and top-p use one convention everywhere (commands, configs, `generate.sample`): 0 = off.
+top-k and top-p use one convention everywhere (commands, configs, `generate.sample`, the built-in
+score): 0 = off. Both checks name their arguments as flags (`--cfg`) for the commands and as
+plain names (`cfg`) for library calls; numpy only, so commands check their inputs before JAX starts.
 """
 from __future__ import annotations
 
@@ -12,11 +14,14 @@ import math
 import re
 from importlib import resources
 
+import numpy as np
+
 PRESETS = {
     'official': dict(cfg=1.5, top_k=900, top_p=0.96, more_smooth=False),
     'paper': dict(cfg=2.0, top_k=900, top_p=0.96, more_smooth=False),
     'demo': dict(cfg=4.0, top_k=900, top_p=0.95, more_smooth=False),
 }
+EDIT_DEMO = dict(cfg=3.0, top_k=900, top_p=0.95, more_smooth=True)  # demo_zero_shot_edit.ipynb's call
 DTYPES = ('float32', 'bfloat16')
 _SYNSET = re.compile(r'n\d{8}')
 
@@ -33,19 +38,22 @@ class Settings:
                 + (', more_smooth' if self.more_smooth else ''))
 
 
-def check_settings(cfg: float, top_k: int, top_p: float, more_smooth: bool) -> Settings:
+def check_settings(cfg: float, top_k: int, top_p: float, more_smooth: bool = False, *, prefix: str = '--') -> Settings:
+    """The one check of sampling settings. `prefix` spells the names in messages: '--' for flags,
+    '' for arguments of a library call."""
     if not (math.isfinite(cfg) and cfg >= 0):
-        raise ValueError(f'--cfg must be a number >= 0 (0 = no guidance), got {cfg:g}')
-    if top_k < 0:
-        raise ValueError(f'--top_k must be >= 0 (0 = off), got {top_k}')
+        raise ValueError(f'{prefix}cfg must be >= 0 (0 = no guidance), got {cfg:g}')
+    if int(top_k) != top_k or top_k < 0:
+        raise ValueError(f'{prefix}top_k must be a non-negative integer (0 = off), got {top_k}')
     if not 0 <= top_p <= 1:  # 0 = off, as in var_jax.sampling.generate and the configs (1 keeps every token too)
-        raise ValueError(f'--top_p must be in [0, 1] (0 = off), got {top_p:g}')
+        raise ValueError(f'{prefix}top_p must be in [0, 1] (0 = off), got {top_p:g}')
     return Settings(float(cfg), int(top_k), float(top_p), bool(more_smooth))
 
 
-def resolve_settings(args: argparse.Namespace, preset: str) -> Settings:
-    """The preset's values, each replaced by its flag when the flag was given."""
-    base = PRESETS[preset]
+def resolve_settings(args: argparse.Namespace, preset: str | dict) -> Settings:
+    """The preset's values (a name in PRESETS, or the values themselves), each replaced by its flag
+    when the flag was given."""
+    base = PRESETS[preset] if isinstance(preset, str) else preset
     return check_settings(**{k: v if getattr(args, k) is None else getattr(args, k) for k, v in base.items()})
 
 
@@ -63,6 +71,18 @@ def add_sampling_flags(p: argparse.ArgumentParser, defaults: str) -> None:
                         'checkpoints); the parameters stay float32')
 
 
+def check_labels(labels, num_classes: int, *, null_ok: bool = False) -> None:
+    """The one range check of class indices: 0..num_classes - 1, and with `null_ok` also
+    num_classes, the null class that samples unconditionally. `labels`: one index or an array."""
+    labels = np.asarray(labels)
+    top = num_classes if null_ok else num_classes - 1
+    bad = labels[(labels < 0) | (labels > top)]
+    if bad.size:
+        raise ValueError(f'unknown class {bad.flat[0]}: this model has classes 0..{num_classes - 1}'
+                         + (f' (class labels may also be {num_classes}, the null class: unconditional)'
+                            if null_ok else ''))
+
+
 def parse_classes(text: str, num_classes: int) -> list[int]:
     try:
         classes = [int(t) for t in text.split(',') if t.strip()]
@@ -70,9 +90,7 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
         raise ValueError(f'--classes must be comma-separated class indices, got {text!r}') from None
     if not classes:
         raise ValueError('--classes is empty')
-    for c in classes:
-        if not 0 <= c < num_classes:
-            raise ValueError(f'unknown class {c}: this model has classes 0..{num_classes - 1}')
+    check_labels(classes, num_classes)
     dup = sorted({c for c in classes if classes.count(c) > 1})
     if dup:
         raise ValueError(f'class {dup[0]} is given twice in --classes')
@@ -102,5 +120,3 @@ def class_names(meta: dict, num_classes: int) -> tuple[str, ...] | None:
 def row_label(c: int, names) -> str:
     return f'{c} {names[c]}' if names else str(c)
 
-
-# ---------------------------------------------------------------------------- batched sampling
