@@ -238,6 +238,6 @@ def test_batch_sampler_pads_the_last_batch(tiny_var, tiny_vqvae, monkeypatch):
     assert [start for start, _, _ in out] == [0, 2, 4] and [len(im) for _, im, _ in out] == [2, 2, 1]
     images = np.concatenate([im for _, im, _ in out])
     assert images.dtype == np.float32
-    np.testing.assert_allclose(images, ref, atol=1e-6)
+    np.testing.assert_allclose(images, ref, atol=1e-5)  # another batch size: the last float bits may differ
     u8 = batch.Sampler(tiny_var, tiny_vqvae, s, 3, batch_size=2, uint8=True).sample(labels, index)
     assert u8.dtype == np.uint8 and np.abs(u8 - np.round(255 * images)).max() <= 1  # rounded on the devices
