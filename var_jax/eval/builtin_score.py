@@ -27,12 +27,13 @@ from etils import epath
 from var_jax.data import builtin
 from var_jax.sampling.settings import Settings, check_settings
 
-EVAL_FILE = 'eval.json'
-DEFAULT_CFG = 5.0  # when the workdir's config.json names no sample.cfg (the tiny recipe's value)
-SAMPLE_BATCH = 100  # images per sampler call: one compiled program; larger batches were slower per image on CPU
 # JAX (and what imports it: the sampler, the checkpoint reader, the judge) is imported inside the
 # functions that need it, after the inputs are known good: `python -m var_jax.evaluate --workdir`
 # reports a bad input at once, before JAX starts.
+
+EVAL_FILE = 'eval.json'
+DEFAULT_CFG = 5.0  # when the workdir's config.json names no sample.cfg (the tiny recipe's value)
+SAMPLE_BATCH = 100  # images per sampler call: one compiled program; larger batches were slower per image on CPU
 MAX_PER_CLASS = 1000  # the train split has 1,000 images per class (the train-vs-test floor uses them)
 
 

@@ -57,7 +57,7 @@ def _finish(vqvae, images, idx_list, progression: bool):
     return to_uint8(images), frames
 
 
-def progress(total: int, done: int = 0, desc: str = 'sampling') -> metrics.CountProgress:
+def progress_bar(total: int, done: int = 0, desc: str = 'sampling') -> metrics.CountProgress:
     return metrics.CountProgress(total, desc, done)
 
 

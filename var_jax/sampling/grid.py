@@ -8,7 +8,7 @@ import numpy as np
 
 from var_jax.io import outputs
 from var_jax.io.checkpoint import Checkpoint
-from var_jax.sampling.batch import Sampler, progress
+from var_jax.sampling.batch import Sampler, progress_bar
 from var_jax.sampling.settings import Settings, class_names, row_label
 from var_jax.utils import viz
 
@@ -21,7 +21,7 @@ def write_grid(ck: Checkpoint, settings: Settings, classes, per_class: int, *, o
     vqvae, var = ck.load(dtype)
     sampler = Sampler(var, vqvae, settings, seed, batch_size, devices, uint8=True, progression=progression)
     images, frames = [], []
-    bar = progress(len(labels))
+    bar = progress_bar(len(labels))
     try:
         for _, im, fr in sampler.run(labels, index, bar):
             images.append(im)

@@ -27,7 +27,7 @@ import numpy as np
 
 from var_jax.io import outputs
 from var_jax.io.checkpoint import Checkpoint
-from var_jax.sampling.batch import Sampler, progress
+from var_jax.sampling.batch import Sampler, progress_bar
 from var_jax.sampling.settings import Settings
 
 SAMPLES_FORMAT = 'var_jax.samples/1'
@@ -148,7 +148,7 @@ def write_npz(sampler: Sampler, run: NpzRun, labels: np.ndarray, index: np.ndarr
     pos = np.concatenate([np.arange(c * run.chunk, c * run.chunk + run.chunk_len(c)) for c in todo]) if todo \
         else np.zeros((0,), np.int64)
     buffers, filled, written = {}, {}, 0
-    bar = progress(run.n, done)
+    bar = progress_bar(run.n, done)
     try:
         for start, images, _ in sampler.run(labels[pos], index[pos], bar):
             p = pos[start:start + len(images)]
