@@ -1,7 +1,6 @@
-"""Official VAR checkpoints (PyTorch state dicts) -> var_jax models / Orbax checkpoints.
+"""Official VAR checkpoints (PyTorch state dicts) -> var_jax models.
 
-    python -m var_jax.convert --vae vae_ch160v4096z32.pth --var var_d16.pth --out DIR
-
+`python -m var_jax.convert` writes them as an Orbax model checkpoint (`convert`, below).
 Model configs are inferred from tensor shapes (depth, width, heads, shared AdaLN, vocabulary,
 classes, channel multipliers, Phi sharing; `patch_nums` from the `lvl_1L` buffer or the
 sequence length). Layout changes: Linear W -> W.T, Conv OIHW -> HWIO, the qkv matrix to
@@ -9,20 +8,20 @@ sequence length). Layout changes: Linear W -> W.T, Conv OIHW -> HWIO, the qkv ma
 dropped and recomputed. Unknown, missing or mis-shaped keys raise `ValueError` naming the
 official key (and both shapes, in the official layout); each architecture dimension is read from
 several keys and the majority wins, so one damaged key is reported as itself. NaN / Inf weights
-are refused. --force replaces only a previous converted checkpoint (model.json and params/),
-never another directory (var_jax.io.outputs).
+are refused. `convert(..., force=True)` replaces only a previous converted checkpoint
+(model.json and params/), never another directory (var_jax.io.outputs).
 """
 from __future__ import annotations
 
-import argparse
 import math
 import re
-import sys
 from typing import Any
 
+import jax
 import numpy as np
 from flax import nnx
 
+from var_jax.io import checkpoint
 from var_jax.io.state_dict import load_state_dict
 from var_jax.models import PATCH_NUMS_256, PATCH_NUMS_512, VAR, VQVAE, VARConfig, VQVAEConfig, abstract, check_pair
 
@@ -193,7 +192,7 @@ def var_config_from_state(sd: dict[str, np.ndarray], patch_nums=None, vocab_hint
     """`vocab_hint`: the paired tokenizer's vocabulary, one more vote beside head.weight and head.bias."""
     pos = _require(sd, 'pos_1LC', 'VAR')
     c = int(_require(sd, 'pos_start', 'VAR').shape[-1])
-    L = int(pos.shape[1])
+    L = int(pos.shape[1])  # noqa: N806  (the sequence length L of the paper)
     depth = len(_indices(sd, r'^blocks\.(\d+)\.'))
     if depth == 0:
         raise ValueError('not a VAR state dict: no blocks.* keys')
@@ -345,33 +344,20 @@ def load_official(vae_path, var_path=None, patch_nums=None):
     return vqvae, var
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog='python -m var_jax.convert', description=__doc__.split('\n\n')[0])
-    p.add_argument('--vae', required=True, help='official VQVAE weights (vae_ch160v4096z32.pth)')
-    p.add_argument('--var', help='official VAR weights (var_d16.pth ... var_d36.pth)')
-    p.add_argument('--out', required=True, help='output directory (an Orbax model checkpoint)')
-    p.add_argument('--patch_nums', help='comma-separated scales, if they cannot be inferred')
-    p.add_argument('--force', action='store_true',
-                   help='replace --out if it is a previous converted checkpoint (never any other directory)')
-    args = p.parse_args(argv)
-    from var_jax.io import checkpoint  # noqa: PLC0415  (keeps `load_official` free of Orbax)
-    try:
-        checkpoint.check_model_output(args.out, overwrite=args.force)  # before any work: nothing lost
-        pns = tuple(int(x) for x in args.patch_nums.split(',')) if args.patch_nums else None
-        vqvae, var = load_official(args.vae, args.var, pns)
-        checkpoint.save_model(args.out, vqvae=vqvae, var=var, overwrite=args.force,
-                              source={'vae': args.vae, 'var': args.var})
-    except ValueError as e:
-        print(f'error: {e}', file=sys.stderr)
-        return 2
-    n = lambda m: sum(x.size for x in __import__('jax').tree.leaves(nnx.state(m, nnx.Param)))  # noqa: E731
-    msg = f'wrote {args.out}: VQVAE {n(vqvae):,} params'
+def convert(vae_path, var_path, out, *, patch_nums: str | None = None, force: bool = False) -> str:
+    """Official files -> the Orbax model checkpoint `out` (what `python -m var_jax.convert` does);
+    returns the one-line summary. `patch_nums`: comma-separated scales, if they cannot be inferred.
+    `out` is checked before any work, so a refused output loses nothing."""
+    checkpoint.check_model_output(out, overwrite=force)
+    pns = tuple(int(x) for x in patch_nums.split(',')) if patch_nums else None
+    vqvae, var = load_official(vae_path, var_path, pns)
+    checkpoint.save_model(out, vqvae=vqvae, var=var, overwrite=force, source={'vae': vae_path, 'var': var_path})
+    msg = f'wrote {out}: VQVAE {_num_params(vqvae):,} params'
     if var is not None:
         c = var.config
-        msg += f', VAR d{c.depth} ({n(var):,} params, shared_aln={c.shared_aln}, patch_nums={c.patch_nums})'
-    print(msg)
-    return 0
+        msg += f', VAR d{c.depth} ({_num_params(var):,} params, shared_aln={c.shared_aln}, patch_nums={c.patch_nums})'
+    return msg
 
 
-if __name__ == '__main__':
-    sys.exit(main())
+def _num_params(model: nnx.Module) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
