@@ -27,6 +27,7 @@ jax.config.update('jax_num_cpu_devices', 8)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from var_jax.io.official import load_official  # noqa: E402
 from var_jax.models import VARConfig, VQVAEConfig, create  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -55,8 +56,6 @@ class Fixture:
     """One official reference fixture: converted models, expected outputs, tolerances."""
 
     def __init__(self, name: str):
-        from var_jax.convert import load_official
-
         self.name = name
         self.dir = fixture_dir(name)
         self.vqvae, self.var = load_official(self.dir / 'vae.pth', self.dir / 'var.pth')
