@@ -1,11 +1,7 @@
-r"""Encode a training set once with the frozen tokenizer, for VAR training without the encoder.
+"""Encode a training set once with the frozen tokenizer, for VAR training without the encoder.
 
-    python -m var_jax.pretokenize --config=configs/d16.py --out DIR [--views N] [--workdir RUN]
-        [--batch 64] [--shard_size 4096] [--max_images N] [--config.field=value ...]
-    python -m var_jax.train --config=configs/d16.py --workdir=RUN \
-        --config.data.source=tokens --config.data.path=DIR
-
-Reads the training split of the config's data source (TFDS, image folder, built-in shapes10) and
+The library of `python -m var_jax.pretokenize` (`write_tokens`); `var_jax.data.tokens` reads
+what it writes. Reads the training split of the config's data source (TFDS, image folder, built-in shapes10) and
 writes, per readable image, `views` x (2 if config.data.hflip else 1) token records (format and
 view numbering: var_jax/data/tokens.py): N deterministic crops of the official train resize
 (shorter side to round(1.125 * res), Lanczos; the built-in data is used at its size), the first
@@ -24,22 +20,28 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
+import grain
+import jax
+import jax.numpy as jnp
 import numpy as np
+from absl import flags
+from array_record.python import array_record_module
+from flax import nnx
 
-from var_jax.utils import cli
-
-HELP_VIEWS = 'crops per image (the first centred, the others at seeded random positions); x2 with config.data.hflip'
+from var_jax.data import pipeline, tokens
+from var_jax.io import checkpoint
+from var_jax.parallel import sharding
+from var_jax.training import configs, loop
+from var_jax.utils import metrics
 
 
 def resolve_tokenizer(config, workdir: str | None) -> str:
     if config.tokenizer.checkpoint:
         return str(config.tokenizer.checkpoint)
     if workdir:
-        from var_jax import train
-        from var_jax.io import checkpoint  # noqa: PLC0415
+        from var_jax import train  # noqa: PLC0415  (a command module: TOKENIZER_DIR moves to training/)
 
         local = os.path.join(workdir, train.TOKENIZER_DIR)
         if os.path.exists(os.path.join(local, checkpoint.MODEL_FILE)):
@@ -52,8 +54,6 @@ def resolve_tokenizer(config, workdir: str | None) -> str:
 
 def _settings(config, vq_cfg, fingerprint, tokenizer_path, views, seed, shard_size, n, source) -> dict:
     """The manifest fields that define the tokens (a rerun must give the same to resume)."""
-    from var_jax.data import tokens  # noqa: PLC0415
-
     d = config.data
     data = {'source': d.source, 'image_size': d.image_size, 'hflip': bool(d.hflip),
             'crop_ratio': 1.0 if d.source == 'builtin' else 1.125}
@@ -85,16 +85,14 @@ class Views:
         self.crops, self.hflip, self.seed = crops, hflip, seed
 
     def __call__(self, i):
-        from var_jax.data.pipeline import decode, resize_shorter  # noqa: PLC0415
-
         i = int(i)
         rec = self.source[i]
         try:
-            im = decode(rec['image'])
+            im = pipeline.decode(rec['image'])
         except Exception:  # noqa: BLE001  (any decoder failure means "unreadable", as in training)
             return {'views': np.zeros((0, self.res, self.res, 3), np.uint8), 'label': np.int32(-1), 'index': i}
         if min(im.size) != self.mid:
-            im = resize_shorter(im, self.mid)
+            im = pipeline.resize_shorter(im, self.mid)
         w, h = im.size
         out = []
         for c in range(self.crops):
@@ -113,13 +111,6 @@ class Views:
 def make_encoder(vqvae, batch: int):
     """-> (encode(uint8 images (batch, S, S, 3)) -> int32 tokens (batch, L), padded batch size),
     jitted once, the batch split over all local devices."""
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
-
-    from var_jax.parallel import sharding
-    from var_jax.training import loop  # noqa: PLC0415
-
     mesh = sharding.make_mesh(data=-1, devices=jax.local_devices())
     n = mesh.devices.size
     batch = -(-batch // n) * n
@@ -143,8 +134,6 @@ def make_encoder(vqvae, batch: int):
 
 
 def _progress(done: int, total: int, shard: int, shards: int, t0: float, new: int) -> None:
-    from var_jax.utils import metrics  # noqa: PLC0415
-
     el = time.time() - t0
     rate = new / el if el > 0 and new > 0 else 0.0
     eta = metrics.fmt_time((total - done) / rate) if rate > 0 else '--:--'
@@ -152,16 +141,9 @@ def _progress(done: int, total: int, shard: int, shards: int, t0: float, new: in
           f'{rate:.1f} img/s | eta {eta}', flush=True)
 
 
-def run(config, out: str, *, views: int = 1, workdir: str | None = None, batch: int = 64, shard_size: int = 4096,
-        max_images: int = 0) -> dict:
+def write_tokens(config, out: str, *, views: int = 1, workdir: str | None = None, batch: int = 64,
+                 shard_size: int = 4096, max_images: int = 0) -> dict:
     """Write (or finish) the token directory `out`; returns the final manifest."""
-    from array_record.python import array_record_module  # noqa: PLC0415
-    from flax import nnx  # noqa: PLC0415
-
-    from var_jax.data import pipeline, tokens  # noqa: PLC0415
-    from var_jax.io import checkpoint
-    from var_jax.training import configs  # noqa: PLC0415
-
     if config.data.source == 'tokens':
         raise ValueError('pretokenize reads images: set --config.data.source to builtin, imagefolder or tfds')
     configs.check(config, 'var')
@@ -207,7 +189,7 @@ def run(config, out: str, *, views: int = 1, workdir: str | None = None, batch: 
     if len(todo) < len(paths):
         print(f'[pretokenize] resuming: {len(paths) - len(todo)} of {len(paths)} shards already in {out}', flush=True)
     encode, padded = make_encoder(vqvae, batch)
-    V, dtype = want['views'], np.dtype(want['token_dtype'])
+    V, dtype = want['views'], np.dtype(want['token_dtype'])  # noqa: N806  (V views per image, as in data/tokens.py)
     make_views = Views(source, config.data.image_size, want['data']['crop_ratio'], views, bool(config.data.hflip),
                        int(config.seed))
     workers = int(config.data.get('workers', 0))
@@ -216,11 +198,8 @@ def run(config, out: str, *, views: int = 1, workdir: str | None = None, batch: 
     done = n - sum(min(shard_size, n - s * shard_size) for s in todo)
     for s in todo:
         lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
-        import grain  # noqa: PLC0415
-
         ds = grain.MapDataset.range(lo, hi).map(make_views).to_iter_dataset()
         if workers > 0:
-            from absl import flags  # noqa: PLC0415
             if not flags.FLAGS.is_parsed():
                 flags.FLAGS.mark_as_parsed()
             ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=2))
@@ -266,28 +245,3 @@ def run(config, out: str, *, views: int = 1, workdir: str | None = None, batch: 
           f'({final["bytes"] / max(records, 1):.0f} bytes per view), {final["skipped"]} unreadable images skipped; '
           f'train with --config.data.source=tokens --config.data.path={out}', flush=True)
     return final
-
-
-def main(argv):
-    from absl import flags  # noqa: PLC0415
-
-    del argv
-    f = flags.FLAGS
-    sys.exit(cli.run(lambda: run(f.config, f.out, views=f.views, workdir=f.workdir, batch=f.batch,
-                                 shard_size=f.shard_size, max_images=f.max_images) and 0))
-
-
-if __name__ == '__main__':
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file('config', 'configs/tiny.py', 'training config file (its data and tokenizer)',
-                                    lock_config=True)
-    flags.DEFINE_string('out', None, 'output directory for the token shards; re-running resumes', required=True)
-    flags.DEFINE_integer('views', 1, HELP_VIEWS)
-    flags.DEFINE_string('workdir', None, 'a var_jax.train workdir whose trained tokenizer to use '
-                        '(when config.tokenizer.checkpoint is empty)')
-    flags.DEFINE_integer('batch', 64, 'images per encoder call (rounded up to a multiple of the local devices)')
-    flags.DEFINE_integer('shard_size', 4096, 'source images per shard (the unit of resume)')
-    flags.DEFINE_integer('max_images', 0, 'only the first N images of the split (0 = all; smoke tests)')
-    app.run(main)
