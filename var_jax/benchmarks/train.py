@@ -96,7 +96,7 @@ def train_step_program(config, batch: int, baseline: bool, from_tokens: bool = F
 
     config = one_device_config(config, batch, tokenizer)
     num_classes = 1
-    if from_tokens:  # the step of data.source='tokens': token batches, no encoder (var_jax/pretokenize.py)
+    if from_tokens:  # the step of data.source='tokens': token batches, no encoder (var_jax/data/token_writer.py)
         config.data.update(source='tokens', path='(random tokens)')
     if is_tokenizer_config(config):
         vq_cfg = configs.vqvae_model_config(config.model)
