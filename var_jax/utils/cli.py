@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 import traceback
+import zipfile
+import zlib
 from typing import Callable
 
 EXPECTED = (ValueError, FileNotFoundError, FloatingPointError)
@@ -21,8 +23,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):  # argparse prints usage and exits; keep it to one `error:` line, code 2
         raise ValueError(f'{message} (see --help)')
-
-
 
 
 def quiet_logs() -> None:
@@ -79,3 +79,18 @@ def _exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# a damaged or unreadable input file: an expected mistake for commands that read user files
+FILE_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def run_reading_files(fn: Callable[[], int | None]) -> int:
+    """`run` for commands that read user files (`evaluate`): an unreadable, truncated or damaged
+    file (`FILE_ERRORS`) is one `error:` line and exit code 2 too, not a traceback."""
+    def guarded():
+        try:
+            return fn()
+        except FILE_ERRORS as e:
+            raise ValueError(str(e)) from e
+    return run(guarded)
