@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from var_jax.eval import inputs
+from var_jax.eval import builtin_score, inputs  # numpy and JSON only at import
 
 
 def run_adm(samples: str, ref: str, inception: str, *, batch_size: int = 128) -> int:
@@ -32,8 +32,6 @@ def run_adm(samples: str, ref: str, inception: str, *, batch_size: int = 128) ->
 
 def run_builtin(workdir: str, *, per_class: int = 100, cfg: float | None = None, top_k: int = 0,
                 top_p: float = 0.0, seed: int = 0) -> int:
-    from var_jax.eval import builtin_score  # noqa: PLC0415  (numpy and JSON until its inputs are checked)
-
     results, settings = builtin_score.score(workdir, per_class=per_class, cfg=cfg, top_k=top_k, top_p=top_p,
                                             seed=seed)
     print(builtin_score.format_results(results, settings), flush=True)
