@@ -69,7 +69,7 @@ def import_official(path: str):
     if not (d / 'models' / '__init__.py').is_file() or not (d / 'models' / 'var.py').is_file():
         raise ValueError(f'--official {path}: no models/ package of FoundationVision/VAR there (models/var.py)')
     try:
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415  (optional: only `bench compare` needs torch)
     except ImportError:
         raise ValueError('compare needs PyTorch to run the official code: pip install torch') from None
     root = d.resolve()

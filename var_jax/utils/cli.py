@@ -28,7 +28,7 @@ class Parser(argparse.ArgumentParser):
 def quiet_logs() -> None:
     """Orbax, absl and JAX log every checkpoint step at INFO; keep the console for our progress."""
     try:
-        from absl import logging as absl_logging  # noqa: PLC0415
+        from absl import logging as absl_logging  # noqa: PLC0415  (optional here: not every tool loads absl)
 
         absl_logging.set_verbosity(absl_logging.WARNING)
     except ImportError:
@@ -65,7 +65,7 @@ def _multiprocess_run() -> bool:
     if 'jax' not in sys.modules:
         return False
     try:
-        from jax._src import distributed  # noqa: PLC0415
+        from jax._src import distributed  # noqa: PLC0415  (only once JAX is loaded: never import it here)
 
         return distributed.global_state.client is not None and distributed.global_state.num_processes > 1
     except (ImportError, AttributeError):
