@@ -9,8 +9,8 @@ the rest still run):
 - `peak`: a chain of bf16 matmuls (8192 x 8192) jitted in one program -> the measured bf16 matmul
   peak, the denominator of MFU below (not the vendor's number).
 - `train_d16`, `train_d20`: the `var_jax.train` step of VAR-d16 / d20 in bf16 (tokenizer encode,
-  forward, backward, AdamW; `benchmarks.train.train_step_program`, i.e. what `bench train` times), batch 32
-  on one device -> img/s, achieved TFLOP/s of the VAR (`metrics.var_flops_per_image`: matmuls and
+  forward, backward, AdamW; `benchmarks.train.train_step_program`, i.e. what `bench train`
+  times), batch 32 on one device -> img/s, achieved TFLOP/s of the VAR (`metrics.var_flops_per_image`: matmuls and
   attention, forward + backward; the tokenizer encode is not counted) and MFU = achieved / peak.
 - `sample_d16`: `generate.sample` of VAR-d16 in bf16 (cfg 1.5, top-k 900, top-p 0.96, decode
   included) at batch 1, 16 and 64 -> img/s (each batch size compiles once, excluded).
@@ -138,7 +138,7 @@ def main(args) -> int:
             lines.append(f'| {name} | | {p["status"]} | |')
     print('\n'.join(lines))
     compare.write_json(out / 'device_check.json', {'device': device, 'smoke': bool(args.smoke), 'budget_s': budget,
-                                           'seconds': round(total, 1), 'parts': parts})
+                                                   'seconds': round(total, 1), 'parts': parts})
     print(f'wrote {out / "device_check.json"}', file=sys.stderr)
     return 0
 
