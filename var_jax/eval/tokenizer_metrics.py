@@ -40,7 +40,8 @@ from jax.sharding import PartitionSpec as P
 
 from var_jax.data.pipeline import make_dataset
 from var_jax.eval import adm
-from var_jax.eval.inception import InceptionV3, load_inception
+from var_jax.eval import inception as inception_net
+from var_jax.eval.inception import InceptionV3
 from var_jax.io import checkpoint
 from var_jax.io.official import load_official
 from var_jax.models import PATCH_NUMS, VQVAEConfig
@@ -382,7 +383,7 @@ def run(tokenizer: str, data: str, *, image_size: int | None = None, max_images:
     if inception is None:
         print('note: no --inception weights given, so rFID is not computed', file=sys.stderr)
     vqvae = load_tokenizer(tokenizer, image_size)
-    inc = load_inception(inception) if inception is not None else None
+    inc = inception_net.load_inception(inception) if inception is not None else None
     print(f'{total} images at {size} px, tokenizer V={vqvae.config.vocab_size} patch_nums={vqvae.config.patch_nums}, '
           f'{n_dev} device(s), batch {local_batch}', file=sys.stderr)
     results = evaluate(vqvae, ds, lpips_params=lp, inception=inc, batch_size=local_batch, max_images=max_images,
