@@ -27,7 +27,9 @@ jax.config.update('jax_num_cpu_devices', 8)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from var_jax.models import VARConfig, VQVAEConfig, create  # noqa: E402
+from var_jax.io.official import load_official  # noqa: E402
+from var_jax.models import create  # noqa: E402
+from var_jax.testing import TINY_PNS, TINY_VAR, TINY_VQ  # noqa: E402, F401  (tests import them from here)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = pathlib.Path(os.environ.get('VAR_JAX_FIXTURES', REPO.parent / 'shared' / 'fixtures'))
@@ -55,8 +57,6 @@ class Fixture:
     """One official reference fixture: converted models, expected outputs, tolerances."""
 
     def __init__(self, name: str):
-        from var_jax.convert import load_official
-
         self.name = name
         self.dir = fixture_dir(name)
         self.vqvae, self.var = load_official(self.dir / 'vae.pth', self.dir / 'var.pth')
@@ -75,11 +75,7 @@ def official(request) -> Fixture:
     return _CACHE[request.param]
 
 
-# Tiny models: 8x8 images, 4 scales, for tests of behaviour rather than numbers.
-TINY_PNS = (1, 2, 3, 4)
-TINY_VQ = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                      patch_nums=TINY_PNS)
-TINY_VAR = VARConfig(depth=2, width=64, num_heads=2, vocab_size=64, cvae=8, patch_nums=TINY_PNS, num_classes=10)
+# Tiny models (var_jax.testing): 8x8 images, 4 scales, for tests of behaviour rather than numbers.
 
 
 @pytest.fixture(scope='session')

@@ -19,7 +19,8 @@ from var_jax.benchmarks import compare, device
 
 
 def _table(out: str) -> list[list[str]]:
-    rows = [line for line in out.splitlines() if line.startswith('| ') and not line.startswith(('| batch', '| workload', '| check'))]
+    heads = ('| batch', '| workload', '| check')
+    rows = [line for line in out.splitlines() if line.startswith('| ') and not line.startswith(heads)]
     return [[c.strip() for c in r.strip('|').split('|')] for r in rows]
 
 
@@ -198,7 +199,7 @@ def test_compare_tiny_against_the_official_code(tmp_path, capsys):
 
 def torch_reset_parameters_work() -> bool:
     """build_vae_var switches torch's init off for good; compare puts it back."""
-    import torch
+    import torch  # noqa: PLC0415  (optional: the test is skipped without it)
 
     return torch.nn.Linear(4, 4).weight.abs().sum() > 0
 
@@ -244,7 +245,7 @@ def test_device_check_smoke(tmp_path, capsys):
 
 def _has_torch() -> bool:
     try:
-        import torch  # noqa: F401
+        import torch  # noqa: F401, PLC0415  (optional: is it installed?)
     except ImportError:
         return False
     return True

@@ -1,12 +1,16 @@
-"""cli.run: one-line errors, and a failed rank of a multi-process run exits at once."""
+"""cli.run: one-line errors, and a failed rank of a multi-process run exits at once; cli.Parser;
+cli.run_reading_files: a damaged input file is an expected mistake too."""
 from __future__ import annotations
+
+import zipfile
+import zlib
 
 import pytest
 
 from var_jax.utils import cli
 
 
-class _Exited(Exception):
+class _Exited(Exception):  # noqa: N818  (stands in for os._exit, not an error)
     pass
 
 
@@ -57,3 +61,20 @@ def test_clean_stop_of_a_rank_still_returns(exits, monkeypatch):
 
 def test_multiprocess_run_is_false_here():
     assert cli._multiprocess_run() is False
+
+
+def test_parser_errors_are_expected_mistakes(capsys):
+    p = cli.Parser(prog='tool')
+    p.add_argument('--n', type=int, required=True)
+    assert cli.run(lambda: p.parse_args(['--n', 'x']) and 0) == 2
+    assert capsys.readouterr().err == "error: argument --n: invalid int value: 'x' (see --help)\n"
+
+
+@pytest.mark.parametrize('exc', [EOFError('short read'), zipfile.BadZipFile('bad\nzip'), zlib.error('bad deflate'),
+                                 PermissionError('denied')])
+def test_damaged_files_are_one_line_when_reading_files(exits, capsys, exc):
+    assert cli.run_reading_files(_fail(exc)) == 2
+    assert capsys.readouterr().err == 'error: ' + ' '.join(str(exc).split()) + '\n'
+    with pytest.raises(type(exc)):  # plain `run`: not an expected mistake there
+        cli.run(_fail(exc))
+    assert cli.run_reading_files(lambda: 3) == 3 and exits == []

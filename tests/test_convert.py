@@ -13,8 +13,7 @@ import pytest
 from conftest import REPO, fixture_dir
 from flax import nnx
 
-from var_jax import convert
-from var_jax.io import checkpoint
+from var_jax.io import checkpoint, official
 from var_jax.io.state_dict import load_state_dict
 
 
@@ -47,7 +46,7 @@ def test_formats_agree(tiny_dir, tmp_path):
 
 
 def test_inferred_configs(tiny_dir):
-    vq, var = convert.load_official(tiny_dir / 'vae_state.npz', tiny_dir / 'var_state.npz')
+    vq, var = official.load_official(tiny_dir / 'vae_state.npz', tiny_dir / 'var_state.npz')
     assert (var.config.depth, var.config.C, var.config.H, var.config.vocab_size) == (2, 128, 2, 512)
     assert not var.config.shared_aln and var.config.num_classes == 1000
     assert (vq.config.ch, vq.config.ch_mult, vq.config.share_quant_resi) == (32, (1, 1, 2, 2, 4), 4)
@@ -60,7 +59,7 @@ def test_cli_round_trip(tiny_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert 'VAR d2' in r.stdout
     vq, var = checkpoint.load_model(out)
-    vq0, var0 = convert.load_official(tiny_dir / 'vae.pth', tiny_dir / 'var.pth')
+    vq0, var0 = official.load_official(tiny_dir / 'vae.pth', tiny_dir / 'var.pth')
     for a, b in ((vq, vq0), (var, var0)):
         assert a.config == b.config
         jax.tree.map(np.testing.assert_array_equal, nnx.state(a, nnx.Param), nnx.state(b, nnx.Param))
@@ -90,14 +89,14 @@ def _edited(tiny_dir, tmp_path, fn, name='var.npz'):
 def test_bad_var_state_names_the_key(tiny_dir, tmp_path, edit, match):
     path = _edited(tiny_dir, tmp_path, edit)
     with pytest.raises(ValueError, match=match):
-        convert.load_official(tiny_dir / 'vae_state.npz', path)
+        official.load_official(tiny_dir / 'vae_state.npz', path)
 
 
 def test_wrong_files(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match='not a VAR state dict'):
-        convert.load_official(tiny_dir / 'vae.pth', tiny_dir / 'vae.pth')
+        official.load_official(tiny_dir / 'vae.pth', tiny_dir / 'vae.pth')
     with pytest.raises(ValueError, match='not a VQVAE state dict'):
-        convert.load_official(tiny_dir / 'var.pth', None)
+        official.load_official(tiny_dir / 'var.pth', None)
     bad = tmp_path / 'broken.pth'
     bad.write_bytes((tiny_dir / 'var.pth').read_bytes()[:5000])
     with pytest.raises(ValueError, match='broken.pth'):

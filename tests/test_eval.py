@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from var_jax import evaluate
 from var_jax.eval import adm, inception, inputs
 from var_jax.io import state_dict_legacy as legacy_torch
 from var_jax.io.state_dict import load_state_dict
@@ -292,7 +293,27 @@ CLI_CASES = {
                       'samples are 16x16 but the reference batch'),
     'missing weights': (['--samples', '{good}', '--ref', '{ref}', '--inception', '{weights}.missing'],
                         'pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'),
+    # the same checks behind the subcommands, which take only their own flags
+    'adm: wrong key': (['adm', '--samples', '{wrong_key}', '--ref', '{ref}', '--inception', '{weights}'],
+                       "no array 'arr_0' in this npz (found 'images')"),
+    'adm: partial flags': (['adm', '--samples', '{good}'], 'the following arguments are required: --ref, --inception'),
+    'adm: a flag of another mode': (['adm', '--samples', '{good}', '--ref', '{ref}', '--inception', '{weights}',
+                                     '--workdir', 'w'], 'unrecognized arguments: --workdir w'),
+    'builtin: missing workdir': (['builtin'], 'the following arguments are required: --workdir'),
+    'tokenizer: missing data': (['tokenizer', '--tokenizer', '{good}'], 'the following arguments are required: --data'),
+    'unknown subcommand': (['fid', '--samples', '{good}'], 'unrecognized arguments: fid'),
 }
+
+
+@pytest.mark.parametrize('mode, flags', [('adm', ['--samples', '--ref', '--inception', '--batch_size']),
+                                         ('builtin', ['--workdir', '--per_class', '--cfg', '--seed']),
+                                         ('tokenizer', ['--tokenizer', '--data', '--inception', '--out'])])
+def test_each_subcommand_has_its_own_help(mode, flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([mode, '--help'])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and out.startswith(f'usage: python -m var_jax.evaluate {mode} ')
+    assert all(f in out for f in flags) and ('--workdir' in out) == (mode == 'builtin'), out
 
 
 @pytest.mark.parametrize('case', list(CLI_CASES))

@@ -17,7 +17,7 @@ import pytest
 from conftest import FIXTURES
 from flax import nnx
 
-from var_jax import convert
+from var_jax.io import official
 from var_jax.models import VARConfig, abstract
 from var_jax.training import optim
 
@@ -70,7 +70,7 @@ def test_decay_mask_is_the_official_rule(cfg):
     mask = our_mask(cfg)
     expected: dict[tuple, bool] = {}
     for name, shape in official_var_params(cfg).items():
-        path = convert._var_rule(name)[0]
+        path = official._var_rule(name)[0]
         decay = not official_no_decay(name, shape)
         assert expected.setdefault(('var',) + path, decay) == decay, f'{name}: blocks differ'
     assert sorted(mask) == sorted(expected), 'every parameter is covered, nothing else'
@@ -96,8 +96,8 @@ def test_official_parameter_list_matches_a_real_state_dict(name):
     if not f.exists():
         pytest.skip(f'parity fixtures not found at {f.parent}')
     sd = dict(np.load(f))
-    cfg = convert.var_config_from_state(sd)
-    params = {k: v.shape for k, v in sd.items() if not convert.VAR_BUFFERS.match(k)}
+    cfg = official.var_config_from_state(sd)
+    params = {k: v.shape for k, v in sd.items() if not official.VAR_BUFFERS.match(k)}
     assert params == official_var_params(cfg)
 
 

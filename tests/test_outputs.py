@@ -13,9 +13,10 @@ from conftest import TINY_VQ, fixture_dir
 from PIL import Image
 
 from var_jax import convert
-from var_jax.data import images
-from var_jax.io import checkpoint, outputs
+from var_jax.data import images, pipeline
+from var_jax.io import checkpoint, official, outputs
 from var_jax.io.state_dict import load_state_dict
+from var_jax.models import create
 
 
 @pytest.fixture(scope='module')
@@ -107,8 +108,6 @@ def test_replaceable_dir_rules(tmp_path):
 
 
 def test_save_model_refuses_foreign_directory(tmp_path):
-    from var_jax.models import create
-
     d = tmp_path / 'w'
     (d / 'checkpoints').mkdir(parents=True)
     with pytest.raises(ValueError, match='checkpoints'):
@@ -125,15 +124,13 @@ def test_convert_refuses_non_finite(tiny_dir, tmp_path, capsys):
     sd['blocks.1.ffn.fc1.weight'][0, 0] = np.inf
     np.savez(tmp_path / 'var.npz', **sd)
     with pytest.raises(ValueError, match=r"non-finite.*'blocks\.1\.ffn\.fc1\.weight', 'head\.bias'"):
-        convert.load_official(tiny_dir / 'vae_state.npz', tmp_path / 'var.npz')
+        official.load_official(tiny_dir / 'vae_state.npz', tmp_path / 'var.npz')
     rc = convert.main(['--vae', str(tiny_dir / 'vae_state.npz'), '--var', str(tmp_path / 'var.npz'),
                        '--out', str(tmp_path / 'out')])
     assert rc == 2 and 'head.bias' in capsys.readouterr().err and not (tmp_path / 'out').exists()
 
 
 def test_load_model_refuses_non_finite(tmp_path):
-    from var_jax.models import create
-
     vq = create(TINY_VQ, seed=0)
     k = vq.decoder.conv_out.kernel
     k.set_value(k[...].at[0, 0, 0, 0].set(jnp.nan))
@@ -167,18 +164,18 @@ def test_damaged_torch_zip_member(tiny_dir, tmp_path):
 
 
 def _var_keys(tiny_dir):
-    return [k for k in np.load(tiny_dir / 'var_state.npz').files if not convert.VAR_BUFFERS.match(k)]
+    return [k for k in np.load(tiny_dir / 'var_state.npz').files if not official.VAR_BUFFERS.match(k)]
 
 
 def _vae_keys(tiny_dir):
-    return [k for k in np.load(tiny_dir / 'vae_state.npz').files if k not in convert.VAE_BUFFERS]
+    return [k for k in np.load(tiny_dir / 'vae_state.npz').files if k not in official.VAE_BUFFERS]
 
 
 def _load_with(tiny_dir, tmp_path, which, sd):
     np.savez(tmp_path / f'{which}.npz', **sd)
     if which == 'var':
-        return convert.load_official(tiny_dir / 'vae_state.npz', tmp_path / 'var.npz')
-    return convert.load_official(tmp_path / 'vae.npz', None)
+        return official.load_official(tiny_dir / 'vae_state.npz', tmp_path / 'var.npz')
+    return official.load_official(tmp_path / 'vae.npz', None)
 
 
 # keys that were misreported (another key named, or a numpy reshape error naming none); the
@@ -265,8 +262,6 @@ def test_to_rgb8_16_bit(tmp_path):
         np.testing.assert_array_equal(np.asarray(images.to_rgb8(im))[..., 1], want)
     rgba = Image.fromarray(np.full((2, 2, 4), 7, np.uint8))
     assert images.to_rgb8(rgba).mode == 'RGB'
-    from var_jax.data import pipeline
-
     np.testing.assert_array_equal(np.asarray(pipeline.decode((tmp_path / 'g16.png').read_bytes()))[..., 2], want)
 
 

@@ -19,8 +19,8 @@ from conftest import REPO, override, prepare_tiny_tfds
 from PIL import Image
 from test_train import TOK, tokenizer_dir  # noqa: E402,F401  (the same tiny tokenizer and its fixture)
 
-from var_jax import pretokenize, train
-from var_jax.data import pipeline, tokens
+from var_jax import bench, train
+from var_jax.data import pipeline, token_writer, tokens
 from var_jax.io import checkpoint
 from var_jax.models import create
 from var_jax.training import configs, loop
@@ -48,7 +48,7 @@ def token_config(tokenizer_dir, path, **kw):
 def builtin_tokens(tokenizer_dir, tmp_path_factory):
     """The first 16 built-in images, one centred unflipped view each, in 2 shards."""
     out = tmp_path_factory.mktemp('builtin') / 'tokens'
-    m = pretokenize.run(tiny_config(tokenizer_dir), str(out), views=1, batch=8, shard_size=8, max_images=16)
+    m = token_writer.write_tokens(tiny_config(tokenizer_dir), str(out), views=1, batch=8, shard_size=8, max_images=16)
     assert m['complete'] and m['images'] == 16 and m['records'] == 16 and m['num_shards'] == 2
     return out
 
@@ -114,7 +114,7 @@ def test_other_tokenizer_or_settings_refused(tokenizer_dir, builtin_tokens, tmp_
     with pytest.raises(ValueError, match='vocab_size 64 there, 128'):
         tokens.check_matches(m, TOK.replace(vocab_size=128), None, 'DIR')
     with pytest.raises(ValueError, match='crops: 1 there, 2 now'):  # same --out, other settings
-        pretokenize.run(tiny_config(tokenizer_dir), str(builtin_tokens), views=2, batch=8, shard_size=8,
+        token_writer.write_tokens(tiny_config(tokenizer_dir), str(builtin_tokens), views=2, batch=8, shard_size=8,
                         max_images=16)
     with pytest.raises(ValueError, match='a tokenizer needs images'):
         configs.check(token_config(tokenizer_dir, builtin_tokens), 'tokenizer')
@@ -134,7 +134,7 @@ def test_interrupted_run_resumes_finished_shards(tokenizer_dir, tmp_path, monkey
 
     monkeypatch.setattr(tokens, 'encode_record', fail_in_second_shard)
     with pytest.raises(KeyboardInterrupt):
-        pretokenize.run(tiny_config(tokenizer_dir), out, **args)
+        token_writer.write_tokens(tiny_config(tokenizer_dir), out, **args)
     monkeypatch.undo()
     paths = tokens.shard_paths(out, 3)
     assert sorted(os.listdir(out)) == ['manifest.json', os.path.basename(paths[0])]  # no partial shard
@@ -143,15 +143,16 @@ def test_interrupted_run_resumes_finished_shards(tokenizer_dir, tmp_path, monkey
     first = os.stat(paths[0])
     stale = paths[1] + '.tmp-99999999'  # as left by a kill -9
     open(stale, 'wb').write(b'partial')
-    m = pretokenize.run(tiny_config(tokenizer_dir), out, **args)
+    m = token_writer.write_tokens(tiny_config(tokenizer_dir), out, **args)
     assert m['complete'] and m['images'] == 12 and not os.path.exists(stale)
     again = os.stat(paths[0])
     assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)  # not rewritten
     fresh = str(tmp_path / 'fresh')
-    pretokenize.run(tiny_config(tokenizer_dir), fresh, **args)
+    token_writer.write_tokens(tiny_config(tokenizer_dir), fresh, **args)
     for a, b in zip(paths, tokens.shard_paths(fresh, 3)):
         assert open(a, 'rb').read() == open(b, 'rb').read()
-    assert pretokenize.run(tiny_config(tokenizer_dir), out, **args)['records'] == 12  # complete: nothing to do
+    # complete: nothing to do
+    assert token_writer.write_tokens(tiny_config(tokenizer_dir), out, **args)['records'] == 12
 
 
 @pytest.mark.parametrize('kind', ['imagefolder', 'tfds'])
@@ -175,7 +176,7 @@ def test_image_sources_views_flips_and_unreadable(tokenizer_dir, tmp_path, kind)
     c = tiny_config(tokenizer_dir)
     c.data = data
     out = tmp_path / 'tokens'
-    m = pretokenize.run(c, str(out), views=2, batch=8, shard_size=4)
+    m = token_writer.write_tokens(c, str(out), views=2, batch=8, shard_size=4)
     assert (m['source_images'], m['skipped'], m['images'], m['views']) == (n, bad, n - bad, 4)
     src = tokens.TokenSource(str(out))
     assert len(src) == n - bad
@@ -206,8 +207,6 @@ def test_cli_bad_input_one_line(tmp_path, tokenizer_dir):
 
 @pytest.mark.slow  # two compiles of the CI model: ~1-2 min on 2 shared cores
 def test_bench_train_from_tokens(capsys):
-    from var_jax import bench  # noqa: PLC0415
-
     rc = bench.main(['train', '--config', str(REPO / 'configs' / 'tiny.py') + ':ci', '--batch', '2',
                      '--warmup', '1', '--repeats', '1', '--tokens'])
     out = capsys.readouterr().out

@@ -289,13 +289,17 @@ def test_cli_on_a_flat_folder(cli_inputs, vqvae, capsys):
     source = FolderSource(str(cli_inputs['dir'] / 'flat'))
     assert source.class_names == ('flat',) and len(source) == 11 and not source.labels.any()
     out = cli_inputs['dir'] / 'flat.json'
-    code = cli.main(['--tokenizer', str(cli_inputs['tok']), '--data', str(cli_inputs['dir'] / 'flat'),
-                     '--batch_size', str(BATCH), '--workers', '0', '--out', str(out)])
+    flags = ['--tokenizer', str(cli_inputs['tok']), '--data', str(cli_inputs['dir'] / 'flat'),
+             '--batch_size', str(BATCH), '--workers', '0', '--out', str(out)]
+    code = cli.main(flags)
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert captured.out.splitlines()[0] == 'images: 10 (1 unreadable skipped)'
     got = json.loads(out.read_text())
     assert got['psnr'] == pytest.approx(_expected(vqvae, cli_inputs['images'], 10)[0], abs=1e-3)
+    # the subcommand form: the same evaluation, the same output
+    assert cli.main(['tokenizer', *flags]) == 0
+    assert capsys.readouterr().out == captured.out and json.loads(out.read_text()) == got
 
 
 def test_cli_on_a_tfds_split(cli_inputs, capsys):

@@ -39,10 +39,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-from var_jax import bench
-from var_jax.benchmarks.official import NotComparable
+from var_jax.benchmarks.official import NotComparable, OfficialSide, import_official
+from var_jax.benchmarks.sample import decode
+from var_jax.benchmarks.timing import device_kind, num
+from var_jax.benchmarks.train import (
+    is_tokenizer_config,
+    load_config,
+    one_device_config,
+    tokenizer_config,
+    train_step_program,
+)
 from var_jax.models import VARConfig, VQVAEConfig, abstract, create, vqvae_config
 from var_jax.sampling import generate
+from var_jax.testing import TINY_OFFICIAL_VQ
 from var_jax.training import configs
 
 WORKLOADS = ('train', 'train_encode', 'sample', 'encode', 'decode')
@@ -53,8 +62,6 @@ WHAT = {
     'encode': 'tokenizer encode: images -> tokens of every scale',
     'decode': 'tokenizer decode: f_hat -> images',
 }
-# a small pair the official classes can build (VQVAE layout fixed; 64 px, 4 scales)
-TINY_VQ = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, patch_nums=(1, 2, 3, 4))
 
 
 @dataclasses.dataclass
@@ -79,18 +86,18 @@ class Spec:
 
 def make_spec(*, depth: int = 16, config: str | None = None, tiny: bool = False, batch: int = 2,
               dtype: str = 'float32', cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, seed: int = 0) -> Spec:
-    from var_jax.train import VARTask  # noqa: PLC0415
+    from var_jax.train import VARTask  # noqa: PLC0415  (a command module: the task moves to training/)
 
     if tiny:
         c = configs.var_recipe(depth=2, batch_size=batch, epochs=1, tblr=1e-4, alng=1e-5, wpe=0.1)
-        c.model.update(patch_nums=TINY_VQ.patch_nums, num_classes=10)
-        vq, name = TINY_VQ, '--tiny'
+        c.model.update(patch_nums=TINY_OFFICIAL_VQ.patch_nums, num_classes=10)
+        vq, name = TINY_OFFICIAL_VQ, '--tiny'
     elif config:
-        c = bench.load_config(config)
-        if bench.is_tokenizer_config(c):
+        c = load_config(config)
+        if is_tokenizer_config(c):
             raise ValueError(f'--config {config} is a tokenizer config; compare times VAR: give a VAR training config')
         configs.check(c, 'var')
-        vq, name = bench.tokenizer_config(c), config
+        vq, name = tokenizer_config(c), config
     else:
         if depth < 1:
             raise ValueError(f'--depth must be >= 1, got {depth}')
@@ -98,7 +105,7 @@ def make_spec(*, depth: int = 16, config: str | None = None, tiny: bool = False,
                                   pn=512 if depth == 36 else 256)
         vq, name = vqvae_config(patch_nums=configs.patch_nums_of(c.model)), f'd{depth}'
     c.model.dtype = dtype
-    c = bench._one_device_config(c, batch, vq)
+    c = one_device_config(c, batch, vq)
     var = VARTask(c, tempfile.gettempdir(), tokenizer=abstract(vq)).var_cfg
     top_k = min(top_k, var.vocab_size)  # the official top-k fails above V
     return Spec(name, c, vq.replace(dtype=dtype), var, batch, cfg, top_k, top_p, seed)
@@ -128,7 +135,7 @@ class JaxSide:
         key = jax.random.key(s.seed)
         if workload in ('train', 'train_encode'):
             # the frozen tokenizer encodes in float32 in training (as the official trainer, outside autocast)
-            step, state, data, frozen, _ = bench._train_step_program(
+            step, state, data, frozen, _ = train_step_program(
                 s.config, s.batch, False, tokenizer=s.vq.replace(dtype='float32'), var_alone=workload == 'train')
             held = self._held = {'state': state}
 
@@ -148,7 +155,7 @@ class JaxSide:
         if workload == 'decode':
             pn = s.vq.patch_nums[-1]
             f_hat = jax.random.uniform(key, (s.batch, pn, pn, s.vq.z_channels), minval=-1.0, maxval=1.0)
-            return lambda: jax.block_until_ready(bench._decode(vq, f_hat))
+            return lambda: jax.block_until_ready(decode(vq, f_hat))
         raise ValueError(f'unknown workload {workload!r}')
 
     def release(self):
@@ -160,9 +167,7 @@ class JaxSide:
         self.release()
 
     def describe(self) -> str:
-        d = jax.devices()[0]
-        kind = d.device_kind if d.device_kind == d.platform else f'{d.platform} {d.device_kind}'
-        return f'var_jax with jax {jax.__version__} ({kind}); jitted (compile time excluded)'
+        return f'var_jax with jax {jax.__version__} ({device_kind()}); jitted (compile time excluded)'
 
     def info(self) -> dict:
         d = jax.devices()[0]
@@ -234,10 +239,6 @@ def interleaved(sides: list, workloads, warmup: int, repeats: int, log: Callable
     return results
 
 
-def _num(v: float) -> str:
-    return bench._num(v)
-
-
 def table(results: list[Result], fast: str, base: str, batch: int) -> str:
     """Markdown: per workload each side's median seconds and images/s, and the speed ratio."""
     lines = [f'| workload | {fast} s | {base} s | {fast} img/s | {base} img/s | {fast} / {base} speed |',
@@ -247,7 +248,7 @@ def table(results: list[Result], fast: str, base: str, batch: int) -> str:
             lines.append(f'| {r.workload} | {r.note} | | | | |')
             continue
         a, b = r.median(fast), r.median(base)
-        lines.append(f'| {r.workload} | {_num(a)} | {_num(b)} | {_num(batch / a)} | {_num(batch / b)} | '
+        lines.append(f'| {r.workload} | {num(a)} | {num(b)} | {num(batch / a)} | {num(batch / b)} | '
                      f'{r.ratio(fast, base):.2f}x |')
     return '\n'.join(lines)
 
@@ -322,8 +323,6 @@ class PinnedCores:
 
 # ---------------------------------------------------------------------------- the command
 def main(args) -> int:
-    from var_jax.benchmarks.official import OfficialSide, import_official  # noqa: PLC0415
-
     # on a GPU JAX would take 75 % of its memory up front and leave torch little; this only acts
     # before JAX starts its backend (the command line), which is when it matters
     os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')

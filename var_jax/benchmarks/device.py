@@ -9,8 +9,8 @@ the rest still run):
 - `peak`: a chain of bf16 matmuls (8192 x 8192) jitted in one program -> the measured bf16 matmul
   peak, the denominator of MFU below (not the vendor's number).
 - `train_d16`, `train_d20`: the `var_jax.train` step of VAR-d16 / d20 in bf16 (tokenizer encode,
-  forward, backward, AdamW; `bench._train_step_program`, i.e. what `bench train` times), batch 32
-  on one device -> img/s, achieved TFLOP/s of the VAR (`metrics.var_flops_per_image`: matmuls and
+  forward, backward, AdamW; `benchmarks.train.train_step_program`, i.e. what `bench train`
+  times), batch 32 on one device -> img/s, achieved TFLOP/s of the VAR (`metrics.var_flops_per_image`: matmuls and
   attention, forward + backward; the tokenizer encode is not counted) and MFU = achieved / peak.
 - `sample_d16`: `generate.sample` of VAR-d16 in bf16 (cfg 1.5, top-k 900, top-p 0.96, decode
   included) at batch 1, 16 and 64 -> img/s (each batch size compiles once, excluded).
@@ -39,7 +39,17 @@ import tempfile
 import time
 import traceback
 
-from var_jax.models.config import VQVAEConfig
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from var_jax.benchmarks import compare, train
+from var_jax.models import abstract, create, var_config, vqvae_config
+from var_jax.sampling import generate
+from var_jax.testing import TINY_VAR, TINY_VQ
+from var_jax.training import configs, loop
+from var_jax.utils import metrics
 
 PARTS = ('peak', 'train_d16', 'train_d20', 'sample_d16', 'memory_d30', 'official')
 # seconds per part for the full check (450 s in all); `official` gets what is left (120 s).
@@ -51,7 +61,7 @@ MIN_START = {'full': 20.0, 'smoke': 5.0}  # a part with less time than this left
 TRAIN_BATCH, SAMPLE_BATCHES, MEMORY_BATCH, COMPARE_BATCH = 32, (1, 16, 64), 16, 16
 SMOKE_SAMPLE_BATCHES = (2,)
 # --smoke's tokenizer: `bench sample --model tiny`'s (8 px, 4 scales), cheap to compile
-SMOKE_VQ = VQVAEConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2), num_res_blocks=1, patch_nums=(1, 2, 3, 4))
+SMOKE_VQ = TINY_VQ
 
 
 # ---------------------------------------------------------------------------- the parent
@@ -127,10 +137,8 @@ def main(args) -> int:
         if p['status'] != 'ok':
             lines.append(f'| {name} | | {p["status"]} | |')
     print('\n'.join(lines))
-    from var_jax.benchmarks.compare import write_json  # noqa: PLC0415
-
-    write_json(out / 'device_check.json', {'device': device, 'smoke': bool(args.smoke), 'budget_s': budget,
-                                           'seconds': round(total, 1), 'parts': parts})
+    compare.write_json(out / 'device_check.json', {'device': device, 'smoke': bool(args.smoke), 'budget_s': budget,
+                                                   'seconds': round(total, 1), 'parts': parts})
     print(f'wrote {out / "device_check.json"}', file=sys.stderr)
     return 0
 
@@ -177,9 +185,7 @@ class Part:
         self.save()
 
     def save(self):
-        from var_jax.benchmarks.compare import write_json  # noqa: PLC0415
-
-        write_json(self.path, self.data)
+        compare.write_json(self.path, self.data)
 
 
 def run_part(args) -> int:
@@ -188,8 +194,6 @@ def run_part(args) -> int:
     part = Part(args)
     part.save()
     try:
-        import jax  # noqa: PLC0415
-
         d = jax.devices()[0]
         part.data['device'] = (f'{d.device_kind} ({d.platform}, 1 of {jax.device_count()}), jax {jax.__version__}')
         part.save()
@@ -214,9 +218,6 @@ def _timed_loop(fn, part: Part, max_runs: int, min_runs: int = 2, reserve: float
 
 
 def part_peak(args, part: Part):
-    import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
-
     n, chain = (256, 4) if args.smoke else (8192, 10)
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = (jax.random.normal(jax.random.key(1), (n, n), jnp.float32) / n ** 0.5).astype(jnp.bfloat16)
@@ -235,8 +236,6 @@ def part_peak(args, part: Part):
 
 
 def _var_config(args, depth: int, batch: int):
-    from var_jax.training import configs  # noqa: PLC0415
-
     c = configs.var_recipe(depth=depth, batch_size=batch, epochs=1, tblr=1e-4, alng=1e-5, wpe=0.1)
     c.model.dtype = 'bfloat16'
     if args.smoke:  # tiny: 4 scales, 8 px; depth 1 / 2 / 3 stand in for 16 / 20 / 30
@@ -248,25 +247,18 @@ def _var_config(args, depth: int, batch: int):
 
 def _var_cfg(config, batch: int, vq):
     """The VARConfig the train step of this config builds (no weights)."""
-    from var_jax import bench  # noqa: PLC0415
-    from var_jax.models import abstract  # noqa: PLC0415
-    from var_jax.train import VARTask  # noqa: PLC0415
+    from var_jax.train import VARTask  # noqa: PLC0415  (a command module: the task moves to training/)
 
-    vq = vq or bench.tokenizer_config(config)
-    return VARTask(bench._one_device_config(config, batch, vq), tempfile.gettempdir(), tokenizer=abstract(vq)).var_cfg
+    vq = vq or train.tokenizer_config(config)
+    return VARTask(train.one_device_config(config, batch, vq), tempfile.gettempdir(), tokenizer=abstract(vq)).var_cfg
 
 
 def _train(depth: int):
     def run(args, part: Part):
-        import jax  # noqa: PLC0415
-
-        from var_jax import bench
-        from var_jax.utils import metrics  # noqa: PLC0415
-
         batch = 4 if args.smoke else TRAIN_BATCH
         config, vq = _var_config(args, depth, batch)
         t0 = time.monotonic()
-        step, state, data, frozen, what = bench._train_step_program(config, batch, False, tokenizer=vq)
+        step, state, data, frozen, what = train.train_step_program(config, batch, False, tokenizer=vq)
         holder = {'state': state}
 
         def one():
@@ -292,18 +284,9 @@ def _train(depth: int):
 
 
 def part_sample(args, part: Part):
-    import jax  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
-
-    from var_jax.models import create, var_config, vqvae_config  # noqa: PLC0415
-    from var_jax.sampling import generate  # noqa: PLC0415
-
     if args.smoke:
-        from var_jax.models import VARConfig  # noqa: PLC0415
-
         vq = SMOKE_VQ.replace(dtype='bfloat16')
-        var = VARConfig(depth=1, width=64, num_heads=1, vocab_size=vq.vocab_size, cvae=vq.z_channels,
-                        patch_nums=vq.patch_nums, num_classes=10, dtype='bfloat16')
+        var = TINY_VAR.replace(depth=1, num_heads=1, dtype='bfloat16')
         batches, name = SMOKE_SAMPLE_BATCHES, 'sample d16 (smoke: tiny)'
     else:
         var = var_config(16, dtype='bfloat16')
@@ -328,21 +311,15 @@ def part_sample(args, part: Part):
 
 
 def part_memory(args, part: Part):
-    from var_jax import bench
-    from var_jax.train import VARTask  # noqa: PLC0415
-    from var_jax.training import loop  # noqa: PLC0415
+    from var_jax.train import VARTask  # noqa: PLC0415  (a command module: the task moves to training/)
 
     batch = 2 if args.smoke else MEMORY_BATCH
     config, vq = _var_config(args, 30, batch)
-    config = bench._one_device_config(config, batch, vq)
+    config = train.one_device_config(config, batch, vq)
     with tempfile.TemporaryDirectory() as tmp:  # dry run: no tokenizer weights, nothing allocated
         task = VARTask(config, tmp, dry_run=True)
         if vq is not None:
             task.vq_cfg = vq
-            from flax import nnx  # noqa: PLC0415
-
-            from var_jax.models import abstract  # noqa: PLC0415
-
             task.vq_graphdef = nnx.split(abstract(vq))[0]
             config.data.image_size = vq.image_size
         size = task.vq_cfg.image_size
@@ -367,8 +344,6 @@ def part_memory(args, part: Part):
 
 
 def part_official(args, part: Part):
-    from var_jax.benchmarks import compare  # noqa: PLC0415
-
     out = pathlib.Path(args.out) / 'parts' / 'official_compare.json'
     ns = argparse.Namespace(official=args.official, depth=16, config=None, tiny=bool(args.smoke),
                             batch=2 if args.smoke else COMPARE_BATCH, dtype='float32' if args.smoke else 'bfloat16',

@@ -8,7 +8,7 @@ there; nothing of it is copied into var_jax. Each workload runs what the officia
   `x_BLCv_wo_first_l`, labels and targets; cross-entropy (reduction none) x 1/L, summed, mean
   over the batch; `AmpOptimizer.backward_clip_step`: backward, `clip_grad_norm_(2.0)`, AdamW
   (0.9, 0.95) step, `zero_grad`. var_jax: the `var_jax.train` step fed random teacher-forcing
-  input and targets (`bench._train_step_program(var_alone=True)`).
+  input and targets (`benchmarks.train.train_step_program(var_alone=True)`).
 - `train_encode`: the same after `vae.img_to_idxBl` + `quantize.idxBl_to_var_input` of random
   images, outside autocast, as `VARTrainer.train_step`. var_jax: the `var_jax.train` step
   (it encodes in the step).
@@ -38,6 +38,7 @@ tokenizer workloads of a var_jax tokenizer with another layout are reported as n
 `models/var.py` imports `huggingface_hub` only for its hub mixin class; when that package is
 missing a stand-in class is registered so the checkout imports.
 """
+# ruff: noqa: N806  (local names follow the official code's shape suffixes: gt_BL, logits_BLV, L, V)
 from __future__ import annotations
 
 import contextlib
@@ -54,7 +55,7 @@ NOWD_KEYS = ('cls_token', 'start_token', 'task_token', 'cfg_uncond', 'pos_embed'
 WEIGHT_DECAY, GRAD_CLIP, BETAS, TBLR = 0.05, 2.0, (0.9, 0.95), 1e-4
 
 
-class NotComparable(Exception):
+class NotComparable(Exception):  # noqa: N818  (a verdict on a workload, not an error)
     """This workload cannot run the same model on both sides (the table says why)."""
 
 
@@ -68,7 +69,7 @@ def import_official(path: str):
     if not (d / 'models' / '__init__.py').is_file() or not (d / 'models' / 'var.py').is_file():
         raise ValueError(f'--official {path}: no models/ package of FoundationVision/VAR there (models/var.py)')
     try:
-        import torch  # noqa: PLC0415
+        import torch  # noqa: PLC0415  (optional: only `bench compare` needs torch)
     except ImportError:
         raise ValueError('compare needs PyTorch to run the official code: pip install torch') from None
     root = d.resolve()

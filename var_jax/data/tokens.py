@@ -1,7 +1,8 @@
 """Pre-tokenized training data: the frozen tokenizer's per-scale token indices, stored once.
 
-`python -m var_jax.pretokenize` writes a directory read here (`config.data.source='tokens'`,
-`config.data.path=DIR`), so that VAR training skips the VQVAE encoder in every step:
+`python -m var_jax.pretokenize` (`var_jax.data.token_writer`) writes a directory read here
+(`config.data.source='tokens'`, `config.data.path=DIR`), so that VAR training skips the VQVAE
+encoder in every step:
 
     DIR/manifest.json                        what made the tokens (below) and, once complete, counts
     DIR/tokens-00000-of-00042.array_record   shard s: source images [s * shard_size, (s + 1) * shard_size)
@@ -42,7 +43,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def tokenizer_fingerprint(vq_cfg, params) -> str:
     """sha256 over the tokenizer config and its parameters (path, shape, dtype, bytes), 16 hex digits."""
-    import jax  # noqa: PLC0415
+    import jax  # noqa: PLC0415  (the data pipeline, grain workers included, runs without JAX)
 
     h = hashlib.sha256(json.dumps(vq_cfg.to_dict(), sort_keys=True).encode())
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]

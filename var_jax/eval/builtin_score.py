@@ -165,8 +165,8 @@ def score(workdir, *, per_class: int = 100, cfg: float | None = None, top_k: int
 
     import jax  # noqa: PLC0415  (JAX; see the note above)
 
-    from var_jax.eval import classifier  # noqa: PLC0415
-    from var_jax.io import checkpoint  # noqa: PLC0415
+    from var_jax.eval import classifier  # noqa: PLC0415  (imports JAX: likewise)
+    from var_jax.io import checkpoint  # noqa: PLC0415  (imports JAX and Orbax: likewise)
 
     timings = {}
 

@@ -38,10 +38,15 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from var_jax.data.pipeline import make_dataset
 from var_jax.eval import adm
+from var_jax.eval import inception as inception_net
 from var_jax.eval.inception import InceptionV3
+from var_jax.io import checkpoint
+from var_jax.io.official import load_official
 from var_jax.models import PATCH_NUMS, VQVAEConfig
-from var_jax.models.perceptual import lpips
+from var_jax.models.perceptual import load_lpips_params, lpips
+from var_jax.training import configs
 from var_jax.utils import metrics
 
 MSE_FLOOR = 255.0 ** 2 * 1e-10  # PSNR cap of 100 dB, the floor of the tokenizer trainer's eval/psnr
@@ -306,9 +311,7 @@ def tokenizer_config(path: str, image_size: int | None) -> tuple[VQVAEConfig | N
     if os.path.isfile(path):
         raise ValueError(f'--tokenizer {path}: not a var_jax checkpoint directory or training workdir, nor an '
                          f'official tokenizer file ({", ".join(OFFICIAL_SUFFIXES)})')
-    from var_jax.io.checkpoint import read_model_json  # noqa: PLC0415  (Orbax only for this case)
-
-    cfg = read_model_json(path)[0]
+    cfg = checkpoint.read_model_json(path)[0]
     if cfg is None:
         raise ValueError(f'{path}: holds no tokenizer config (a VAR-only checkpoint?)')
     check_image_size(cfg, image_size)
@@ -332,27 +335,21 @@ def load_tokenizer(path: str, image_size: int | None):
     """The VQVAE of a var_jax checkpoint / workdir or an official file, checked against image_size."""
     cfg, patch_nums = tokenizer_config(path, image_size)
     if cfg is None:
-        from var_jax.convert import load_official  # noqa: PLC0415
-
         vqvae, _ = load_official(path, patch_nums=patch_nums)
         check_image_size(vqvae.config, image_size if image_size is not None else vqvae.config.image_size)
         return vqvae
-    from var_jax.io.checkpoint import load_model  # noqa: PLC0415
-
-    return load_model(path, tokenizer_only=True)[0]  # a VAR checkpoint carries its tokenizer
+    return checkpoint.load_model(path, tokenizer_only=True)[0]  # a VAR checkpoint carries its tokenizer
 
 
 def data_config(spec: str, image_size: int, data_dir: str | None = None, workers: int = 0):
     """`builtin`, `tfds:NAME:SPLIT` or an image folder -> a `data.pipeline` config for `image_size`."""
-    from var_jax.training.configs import data_config as make  # noqa: PLC0415
-
     if spec == 'builtin':
-        return make(source='builtin', image_size=image_size, workers=0)
+        return configs.data_config(source='builtin', image_size=image_size, workers=0)
     if spec.startswith('tfds:'):
         name, split = parse_tfds(spec)
-        return make(source='tfds', name=name, eval_split=split, data_dir=data_dir or '', image_size=image_size,
-                    workers=workers)
-    return make(source='imagefolder', path=spec, eval_path=spec, image_size=image_size, workers=workers)
+        return configs.data_config(source='tfds', name=name, eval_split=split, data_dir=data_dir or '',
+                                   image_size=image_size, workers=workers)
+    return configs.data_config(source='imagefolder', path=spec, eval_path=spec, image_size=image_size, workers=workers)
 
 
 def parse_tfds(spec: str) -> tuple[str, str]:
@@ -370,10 +367,6 @@ def run(tokenizer: str, data: str, *, image_size: int | None = None, max_images:
         inception: str | None = None, lpips_weights: str | None = None, batch_size: int = 128,
         data_dir: str | None = None, workers: int = 0) -> dict[str, Any]:
     """The CLI's work: check what can be checked cheaply, then load, build the pipeline, evaluate."""
-    from var_jax.data.pipeline import make_dataset  # noqa: PLC0415
-    from var_jax.eval.inception import load_inception  # noqa: PLC0415
-    from var_jax.models.perceptual import load_lpips_params  # noqa: PLC0415
-
     cfg, _ = tokenizer_config(tokenizer, image_size)
     size = cfg.image_size if cfg is not None else image_size or 256
     n_dev = len(jax.local_devices())
@@ -390,7 +383,7 @@ def run(tokenizer: str, data: str, *, image_size: int | None = None, max_images:
     if inception is None:
         print('note: no --inception weights given, so rFID is not computed', file=sys.stderr)
     vqvae = load_tokenizer(tokenizer, image_size)
-    inc = load_inception(inception) if inception is not None else None
+    inc = inception_net.load_inception(inception) if inception is not None else None
     print(f'{total} images at {size} px, tokenizer V={vqvae.config.vocab_size} patch_nums={vqvae.config.patch_nums}, '
           f'{n_dev} device(s), batch {local_batch}', file=sys.stderr)
     results = evaluate(vqvae, ds, lpips_params=lp, inception=inc, batch_size=local_batch, max_images=max_images,

@@ -20,12 +20,8 @@ import ml_dtypes
 import numpy as np
 
 from var_jax.io import state_dict_legacy
+from var_jax.io.state_dict_legacy import STORAGE_DTYPES
 
-STORAGE_DTYPES = {
-    'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
-    'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
-    'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
-}
 _SAFETENSORS_DTYPES = {
     'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'BF16': ml_dtypes.bfloat16,
     'I64': np.int64, 'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_,

@@ -2,7 +2,8 @@
 
 pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (and any checkpoint saved with
 `_use_new_zipfile_serialization=False`) predates torch's zip format; `var_jax.io.state_dict` reads
-those files through this module. The format is a run of pickles followed by raw storages:
+those files through this module, which imports nothing of var_jax (one way, no import circle;
+the storage dtype table lives here). The format is a run of pickles followed by raw storages:
 
     magic number, protocol version (1001), sys_info {'little_endian': ...},
     the state dict (tensors point at storages through persistent ids
@@ -22,8 +23,15 @@ import os
 import pickle
 import struct
 
+import ml_dtypes
 import numpy as np
 
+# torch storage classes -> numpy dtypes; the zip format names the same classes (var_jax.io.state_dict)
+STORAGE_DTYPES = {
+    'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
+    'BFloat16Storage': ml_dtypes.bfloat16, 'LongStorage': np.int64, 'IntStorage': np.int32,
+    'ShortStorage': np.int16, 'CharStorage': np.int8, 'ByteStorage': np.uint8, 'BoolStorage': np.bool_,
+}
 MAGIC_NUMBER = 0x1950a86a20f9469cfc6c
 PROTOCOL_VERSION = 1001
 
@@ -72,8 +80,6 @@ def _rebuild_parameter(data, *_args):
 
 class _StorageClass:
     def __init__(self, name):
-        from var_jax.io.state_dict import STORAGE_DTYPES  # noqa: PLC0415  (avoids an import cycle)
-
         self.dtype = STORAGE_DTYPES[name]
 
 

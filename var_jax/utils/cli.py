@@ -11,6 +11,8 @@ import logging
 import os
 import sys
 import traceback
+import zipfile
+import zlib
 from typing import Callable
 
 EXPECTED = (ValueError, FileNotFoundError, FloatingPointError)
@@ -23,12 +25,10 @@ class Parser(argparse.ArgumentParser):
         raise ValueError(f'{message} (see --help)')
 
 
-
-
 def quiet_logs() -> None:
     """Orbax, absl and JAX log every checkpoint step at INFO; keep the console for our progress."""
     try:
-        from absl import logging as absl_logging  # noqa: PLC0415
+        from absl import logging as absl_logging  # noqa: PLC0415  (optional here: not every tool loads absl)
 
         absl_logging.set_verbosity(absl_logging.WARNING)
     except ImportError:
@@ -65,7 +65,7 @@ def _multiprocess_run() -> bool:
     if 'jax' not in sys.modules:
         return False
     try:
-        from jax._src import distributed  # noqa: PLC0415
+        from jax._src import distributed  # noqa: PLC0415  (only once JAX is loaded: never import it here)
 
         return distributed.global_state.client is not None and distributed.global_state.num_processes > 1
     except (ImportError, AttributeError):
@@ -79,3 +79,18 @@ def _exit_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+# a damaged or unreadable input file: an expected mistake for commands that read user files
+FILE_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
+
+
+def run_reading_files(fn: Callable[[], int | None]) -> int:
+    """`run` for commands that read user files (`evaluate`): an unreadable, truncated or damaged
+    file (`FILE_ERRORS`) is one `error:` line and exit code 2 too, not a traceback."""
+    def guarded():
+        try:
+            return fn()
+        except FILE_ERRORS as e:
+            raise ValueError(str(e)) from e
+    return run(guarded)
