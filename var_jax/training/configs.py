@@ -250,7 +250,7 @@ def check(config: ConfigDict, kind: str) -> None:
         _model_fields(m, VARConfig if kind == 'var' else VQVAEConfig)
         sharding.check_rules(config.mesh.get('logical_axis_rules', ()))
     except ValueError as e:
-        need(False, str(e))
+        need(False, str(e).removeprefix('config.'))
     if kind == 'tokenizer':
         need(len(m.patch_nums) > 0, f'model.patch_nums must name the scales, e.g. {PATCH_NUMS[256]} for 256px images')
     if kind == 'var':
