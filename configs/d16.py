@@ -5,4 +5,4 @@ from var_jax.training import configs
 def get_config(arg=None):
     a = configs.parse_arg(arg, runlocal=False)
     return configs.var_recipe(depth=16, batch_size=768, epochs=200, tblr=1e-4, alng=1e-3, wpe=0.1,
-                                 runlocal=a.runlocal)
+                              runlocal=a.runlocal)

@@ -6,6 +6,6 @@ from var_jax.training import configs
 def get_config(arg=None):
     a = configs.parse_arg(arg, runlocal=False)
     c = configs.var_recipe(depth=30, batch_size=1024, epochs=350, tblr=8e-5, alng=1e-5, wpe=0.01, twde=0.08,
-                              runlocal=a.runlocal)
+                           runlocal=a.runlocal)
     c.mesh.update(data=-1, fsdp=8)
     return c

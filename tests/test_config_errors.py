@@ -5,6 +5,7 @@ Also the typed preset parser `configs.parse_arg` the configs use (`configs/d16.p
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import pytest
 from conftest import REPO
 
 from var_jax.io import checkpoint
-from var_jax.models import VQVAEConfig, create
+from var_jax.models import PATCH_NUMS, VARConfig, VQVAEConfig, create
 from var_jax.training import configs
 
 TOK = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
@@ -67,6 +68,68 @@ def test_presets_still_apply():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert mod.get_config('runlocal').batch_size == 8 and mod.get_config().batch_size == 768
+
+
+# ---------------------------------------------------------------------------- config.model: the dataclass fields
+def small_var():
+    return configs.var_recipe(depth=2, batch_size=8, epochs=1, tblr=1e-4, alng=1e-3, wpe=0.1)
+
+
+def test_model_keys_are_the_dataclass_fields():
+    names = lambda cls: {f.name for f in dataclasses.fields(cls)}  # noqa: E731
+    c = small_var()
+    assert set(c.model) == names(VARConfig) - {'vocab_size', 'cvae'}, 'every field but the tokenizer\'s two'
+    assert (c.model.init_adaln, c.model.init_adaln_gamma) == (0.5, 1e-3), 'the official aln, alng'
+    assert set(configs.tokenizer_recipe().model) == names(VQVAEConfig)
+    assert configs.vqvae_model_config(configs.tokenizer_recipe().model) == VQVAEConfig(), 'the official tokenizer'
+
+
+def test_var_model_config_fills_what_comes_from_the_tokenizer_and_the_data():
+    c = small_var()
+    c.model.update(width=64, num_heads=1, init_adaln_gamma=1e-4, mlp_ratio=2.0, norm_eps=1e-5)
+    var = configs.var_model_config(c.model, TOK, 7)
+    assert (var.vocab_size, var.cvae, var.patch_nums, var.num_classes) == (64, 8, (1, 2, 4), 7)
+    assert (var.init_adaln_gamma, var.mlp_ratio, var.norm_eps, var.width) == (1e-4, 2.0, 1e-5, 64)
+    c.model.update(num_classes=3, patch_nums=(1, 2, 4))
+    assert configs.var_model_config(c.model, TOK, 7).num_classes == 3
+    c.model.patch_nums = (1, 2, 3)
+    with pytest.raises(ValueError, match=r"model.patch_nums \(1, 2, 3\) differs from the tokenizer's \(1, 2, 4\)"):
+        configs.var_model_config(c.model, TOK, 7)
+
+
+@pytest.mark.parametrize('kind, old', [('var', 'alng'), ('var', 'aln'), ('var', 'pn'), ('tokenizer', 'pn')])
+def test_a_key_the_dataclass_does_not_know_is_named(kind, old):
+    c = small_var() if kind == 'var' else configs.tokenizer_tiny()
+    model = {**c.model.to_dict(), old: 1}
+    cls = 'VARConfig' if kind == 'var' else 'VQVAEConfig'
+    known = r'\(known: .*init_adaln_gamma' if kind == 'var' else r'\(known: .*z_channels\)$'
+    with pytest.raises(ValueError, match=rf'^config.model.{old} is not a {cls} field {known}'):
+        if kind == 'var':
+            configs.var_model_config(model, TOK, 10)
+        else:
+            configs.vqvae_model_config(model)
+    with c.unlocked():
+        c.model[old] = 1
+    with pytest.raises(ValueError, match=rf'^config: model.{old} is not a {cls} field'):
+        configs.check(c, kind)
+
+
+def test_the_scales_without_a_tokenizer_come_from_the_image_size():
+    c = configs.var_recipe(depth=36, batch_size=8, epochs=1, tblr=1e-4, alng=1e-3, wpe=0.1, image_size=512)
+    assert configs.patch_nums_of(c) == PATCH_NUMS[512] and c.data.image_size == 512
+    c.data.image_size = 32
+    with pytest.raises(ValueError, match='config.data.image_size 32 has no official patch_nums'):
+        configs.patch_nums_of(c)
+    c.model.patch_nums = (1, 2, 4)
+    assert configs.patch_nums_of(c) == (1, 2, 4)
+    configs.check(c, 'var')  # a VAR's scales are its tokenizer's: any image size passes the config check
+
+
+def test_a_tokenizer_names_its_scales():
+    c = configs.tokenizer_tiny()
+    c.model.patch_nums = ()
+    with pytest.raises(ValueError, match=r'config: model.patch_nums must name the scales'):
+        configs.check(c, 'tokenizer')
 
 
 # ---------------------------------------------------------------------------- the command line

@@ -166,3 +166,39 @@ def test_optimizer_does_not_decay_biases():
     moved = jax.tree.map(lambda u: bool(np.any(np.asarray(u) != 0)), updates)
     assert moved == {'var': {'blocks': {'attn': {'proj': {'kernel': True, 'bias': False}}},
                              'head': {'kernel': True, 'bias': False}}}
+
+
+def test_lr_schedule_edges():
+    with pytest.raises(ValueError, match="lr schedule must be 'lin0', 'cos' or 'const', got 'linear'"):
+        optim.lr_schedule(1e-3, 100, 10, kind='linear')
+    no_warmup = optim.lr_schedule(1e-3, 100, 0, wpe=0.1, kind='cos')  # wp_it 0: the peak from the first step
+    assert float(no_warmup(0)) == pytest.approx(1e-3) and float(no_warmup(99)) == pytest.approx(1e-4, rel=1e-5)
+    one_step = optim.lr_schedule(1e-3, 1, 0, kind='lin0')  # max_it - 1 - wp_it = 0: no division by zero
+    assert float(one_step(0)) == pytest.approx(1e-3)
+    assert float(optim.wd_schedule(0.05, 0.08, 1)(0)) == pytest.approx(0.05)
+
+
+def test_decay_mask_names_list_items_by_index():
+    m = optim.decay_mask({'layers': [{'kernel': np.zeros((4, 4)), 'scale': np.zeros(4)}],
+                          'pos_start': np.zeros((1, 2, 4))})
+    assert m == {'layers': [{'kernel': True, 'scale': False}], 'pos_start': False}
+
+
+@pytest.mark.parametrize('wd_end', [0.08, None])
+def test_optimizer_follows_the_schedules_step_by_step(wd_end):
+    """The lr / wd the optimizer reports (and applies: AdamW's decoupled decay -lr * wd * p with zero
+    gradients) at each step are the schedules' values there; wd_end None keeps wd constant."""
+    peak, max_it, wp_it, wd = 0.1, 8, 2, 0.5
+    tx = optim.make_optimizer(peak_lr=peak, max_it=max_it, wp_it=wp_it, wd=wd, wd_end=wd_end, clip=2.0, wpe=0.1,
+                              sched='cos', mask=optim.decay_mask)
+    lr = optim.lr_schedule(peak, max_it, wp_it, wpe=0.1, kind='cos')
+    wdf = optim.wd_schedule(wd, wd if wd_end is None else wd_end, max_it)
+    params = {'w': np.ones((2, 2), np.float32), 'bias': np.ones(2, np.float32)}
+    state = tx.init(params)
+    for it in range(max_it):
+        updates, state = tx.update(jax.tree.map(np.zeros_like, params), state, params)
+        hp = optim.current_hparams(state)
+        assert float(hp['lr']) == pytest.approx(float(lr(it)), rel=1e-6), it
+        assert float(hp['wd']) == pytest.approx(float(wdf(it)) if wd_end else wd, rel=1e-6), it
+        np.testing.assert_allclose(updates['w'], -float(lr(it)) * float(wdf(it)) * params['w'], rtol=1e-5)
+        np.testing.assert_array_equal(updates['bias'], 0)

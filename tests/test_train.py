@@ -186,12 +186,12 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, layout, capsys):
     ('--config.batch_size=0', 'batch_size must be >= 1'),
     ('--config.data.source=nope', 'data.source must be one of'),
     ('--config.mesh.data=3', 'mesh data=3'),
-    ('--config.model.pn=300', 'model.pn must be one of'),
+    ('--config.data.image_size=300', 'data.image_size is 300'),
     ('--config.optim.ema=1.0', 'optim.ema must be in [0, 1)'),
 ])
 def test_bad_config_is_one_line(tokenizer_dir, tmp_path, override, match):
     args = cli_args(tokenizer_dir, tmp_path / 'w')
-    if 'pn' in override:
+    if 'image_size' in override:
         args = [a for a in args if 'patch_nums' not in a] + ['--config.model.patch_nums=()']
     r = subprocess.run([sys.executable, '-m', 'var_jax.train'] + args + [override], cwd=REPO, env=env8(),
                        capture_output=True, text=True)

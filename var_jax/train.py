@@ -92,7 +92,7 @@ class VARTask(loop.Task):
 
                 return configs.vqvae_model_config(tcfg.train.model), None, None
             elif self.dry_run:  # compile against the official-size tokenizer; no weights needed
-                return vqvae_config(patch_nums=configs.patch_nums_of(self.config.model)), None, None
+                return vqvae_config(patch_nums=configs.patch_nums_of(self.config)), None, None
             else:
                 raise ValueError('config.tokenizer.checkpoint is empty: give a converted official VQVAE or a '
                                  'tokenizer workdir, or set config.tokenizer.train to train one first')

@@ -102,8 +102,8 @@ def make_spec(*, depth: int = 16, config: str | None = None, tiny: bool = False,
         if depth < 1:
             raise ValueError(f'--depth must be >= 1, got {depth}')
         c = configs.var_recipe(depth=depth, batch_size=batch, epochs=1, tblr=1e-4, alng=1e-5, wpe=0.1,
-                                  pn=512 if depth == 36 else 256)
-        vq, name = vqvae_config(patch_nums=configs.patch_nums_of(c.model)), f'd{depth}'
+                                  image_size=512 if depth == 36 else 256)
+        vq, name = vqvae_config(patch_nums=configs.patch_nums_of(c)), f'd{depth}'
     c.model.dtype = dtype
     c = one_device_config(c, batch, vq)
     var = VARTask(c, tempfile.gettempdir(), tokenizer=abstract(vq)).var_cfg

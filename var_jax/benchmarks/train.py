@@ -59,7 +59,7 @@ def tokenizer_config(config) -> VQVAEConfig:
 
     t = config.tokenizer.get('train')
     return configs.vqvae_model_config(t.model) if t and 'model' in t else vqvae_config(
-        patch_nums=configs.patch_nums_of(config.model))
+        patch_nums=configs.patch_nums_of(config))
 
 
 def one_device_config(config, batch: int, vq_cfg: VQVAEConfig | None = None):

@@ -154,7 +154,7 @@ def write_tokens(config, out: str, *, views: int = 1, workdir: str | None = None
     tok_path = resolve_tokenizer(config, workdir)
     vqvae, _ = checkpoint.load_model(tok_path, tokenizer_only=True)
     vq_cfg = vqvae.config
-    pns = configs.patch_nums_of(config.model)
+    pns = tuple(config.model.patch_nums)
     if config.model.patch_nums and tuple(pns) != tuple(vq_cfg.patch_nums):
         raise ValueError(f'config.model.patch_nums {tuple(pns)} differ from the tokenizer\'s {vq_cfg.patch_nums}')
     if config.data.image_size != vq_cfg.image_size:

@@ -4,6 +4,11 @@ Model code names axes logically (parameters carry `axes` metadata such as ('laye
 'mlp'); activations are constrained with `constrain(x, ('batch', None, 'heads', None))`).
 This file alone decides how those names map onto the physical mesh ('data', 'fsdp', 'tensor').
 Outside `use_mesh(...)` every constraint is a no-op, so the models run unchanged on one device.
+
+The rules (logical name -> mesh axis, None, or a tuple of axes) are DEFAULT_RULES unless a run
+overrides some of them (maxtext's `logical_axis_rules`: `config.mesh.logical_axis_rules`, checked by
+`check_rules`). `make_mesh(..., logical_axis_rules=...)` records them as the rules of the mesh it
+returns, so every function here given that mesh and no explicit `rules` uses them.
 """
 from __future__ import annotations
 
@@ -31,13 +36,61 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ('layers', None),
 )
 
+LOGICAL_AXES = tuple(name for name, _ in DEFAULT_RULES)
+
 _RULES: contextvars.ContextVar[dict | None] = contextvars.ContextVar('var_jax_rules', default=None)
 
 
-def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, num_devices: int = 0) -> Mesh:
+# the rules each mesh was made with (make_mesh); JAX interns meshes, so the latest make_mesh of a
+# device layout decides, and a mesh made elsewhere has DEFAULT_RULES
+_MESH_RULES: dict[Mesh, tuple[tuple[str, Any], ...]] = {}
+
+
+def check_rules(rules: Sequence = ()) -> tuple[tuple[str, Any], ...]:
+    """DEFAULT_RULES with `rules` in place of the defaults of the names they give; ValueError (one line)
+    for an item that is not a (name, target) pair, an unknown logical name, a name given twice, or a
+    target that is not None, a mesh axis or a tuple of distinct mesh axes."""
+    where = 'mesh.logical_axis_rules'
+    given: dict[str, Any] = {}
+    for item in rules or ():
+        if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
+            raise ValueError(f'{where}: each rule is a (logical name, mesh axis) pair, got {item!r}')
+        name, target = item
+        if name not in LOGICAL_AXES:
+            raise ValueError(f'{where}: unknown logical axis {name!r} (known: {", ".join(LOGICAL_AXES)})')
+        if name in given:
+            raise ValueError(f'{where}: {name!r} is given twice')
+        axes = (target,) if isinstance(target, str) else tuple(target) if isinstance(target, (tuple, list)) else None
+        if axes is None and target is not None or axes is not None and not all(isinstance(a, str) for a in axes):
+            raise ValueError(f'{where}: {name!r} maps to {target!r}; expected None, a mesh axis or a tuple of them')
+        for a in axes or ():
+            if a not in MESH_AXES:
+                raise ValueError(f'{where}: unknown mesh axis {a!r} for {name!r} (mesh axes: {", ".join(MESH_AXES)})')
+        if axes is not None and len(set(axes)) != len(axes):
+            raise ValueError(f'{where}: {name!r} uses a mesh axis twice: {target!r}')
+        given[name] = None if not axes else axes[0] if isinstance(target, str) else axes
+    return tuple((name, given.get(name, default)) for name, default in DEFAULT_RULES)
+
+
+def rules_from_config(config) -> tuple[tuple[str, Any], ...]:
+    """The checked rules of a run config (`config.mesh.logical_axis_rules`; DEFAULT_RULES without)."""
+    return check_rules(config.mesh.get('logical_axis_rules', ()))
+
+
+def rules_of(mesh: Mesh) -> tuple[tuple[str, Any], ...]:
+    """The rules `mesh` was made with (DEFAULT_RULES for a mesh not made by `make_mesh`)."""
+    return _MESH_RULES.get(mesh, DEFAULT_RULES)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, num_devices: int = 0,
+              logical_axis_rules: Sequence = ()) -> Mesh:
     """Mesh over ('data', 'fsdp', 'tensor'); one size may be -1 = all remaining devices.
 
-    `num_devices` > 0 uses only the first that many devices (debugging, tests, benchmarks)."""
+    `num_devices` > 0 uses only the first that many devices (debugging, tests, benchmarks).
+    `logical_axis_rules` (checked, over DEFAULT_RULES: `check_rules`) become the mesh's rules: the
+    functions below use them when given this mesh and no explicit rules (the arguments are
+    `config.mesh`, so a run's rules travel with its mesh)."""
+    rules = check_rules(logical_axis_rules)
     devices = list(jax.devices() if devices is None else devices)
     if num_devices:
         if num_devices > len(devices):
@@ -57,13 +110,16 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices=None, num_
         raise ValueError(f'mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs '
                          f'{math.prod(sizes)} devices, {len(devices)} available')
     arr = np.asarray(devices, dtype=object).reshape(sizes)
-    return Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    mesh = Mesh(arr, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    _MESH_RULES[mesh] = rules
+    return mesh
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
-    """Activate `mesh` (jax.set_mesh) and the logical rules used by `constrain`/`logical_to_spec`."""
-    token = _RULES.set(dict(rules))
+def use_mesh(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None):
+    """Activate `mesh` (jax.set_mesh) and the logical rules used by `constrain`/`logical_to_spec`
+    (default: the mesh's, `rules_of`)."""
+    token = _RULES.set(dict(rules_of(mesh) if rules is None else rules))
     try:
         with jax.set_mesh(mesh):
             yield mesh
@@ -107,13 +163,14 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def state_shardings(abstract_state, mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES):
-    """NamedShardings for an (abstract) nnx.State from each Variable's `axes` metadata.
+def state_shardings(abstract_state, mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None):
+    """NamedShardings for an (abstract) nnx.State from each Variable's `axes` metadata (`rules`
+    default: the mesh's).
 
     Variables stay as tree nodes (with the sharding as their value), so the result has exactly the
     tree structure of the state, as `jax.jit(out_shardings=...)` and Orbax need.
     """
-    rules = dict(rules)
+    rules = dict(rules_of(mesh) if rules is None else rules)
 
     def one(v):
         if _is_variable(v):
@@ -162,13 +219,15 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES, ndim: int = 1) -> NamedSharding:
+def batch_sharding(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None, ndim: int = 1) -> NamedSharding:
     """Leading (batch) axis split over the data-parallel axes, the rest replicated."""
-    return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1), dict(rules), mesh))
+    rules = dict(rules_of(mesh) if rules is None else rules)
+    return NamedSharding(mesh, logical_to_spec(('batch',) + (None,) * (ndim - 1), rules, mesh))
 
 
-def data_parallel_size(mesh: Mesh, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> int:
-    spec = logical_to_spec(('batch',), dict(rules), mesh)[0]
+def data_parallel_size(mesh: Mesh, rules: Sequence[tuple[str, Any]] | None = None) -> int:
+    """How many ways the batch is split (the product of the mesh axes 'batch' maps to)."""
+    spec = logical_to_spec(('batch',), dict(rules_of(mesh) if rules is None else rules), mesh)[0]
     axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
     return math.prod(mesh.shape[a] for a in axes)
 

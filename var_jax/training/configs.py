@@ -8,13 +8,30 @@
     d36  bs 768  ep 350  tblr 8e-5  alng 5e-6  wpe 0.01  twde 0.08  saln, 512px
 Peak lr = tblr * batch_size / 256; warm-up ep/50 epochs from 0.5 %; `lin0` decay; AdamW
 (0.9, 0.95), wd 0.05 -> twde (cosine); grad clip 2; bf16 compute with float32 parameters.
+The official names in the table are config keys here as follows: alng -> model.init_adaln_gamma
+(official --alng; its --aln is model.init_adaln, 0.5), tblr -> optim.tblr, wpe -> optim.wpe,
+twde -> optim.wd_end, saln -> model.shared_aln, 512px (official --pn=512) -> data.image_size=512.
+
+`config.model` holds the model dataclass's fields by their own names (VARConfig / VQVAEConfig in
+var_jax/models/config.py; every field is a key, with the dataclass default unless the recipe says
+otherwise), so a new model field needs one edit, the dataclass. A VAR run takes vocab_size, cvae and
+patch_nums from its tokenizer (`model.patch_nums` () = the tokenizer's) and the class count from the
+data (`model.num_classes` 0); without a tokenizer to ask (a dry run) the scales are the official
+ones of `data.image_size` (`patch_nums_of`). A tokenizer run names its scales in `model.patch_nums`.
+
 The text after ':' in --config=configs/d16.py:runlocal selects variants; every config parses it with
 `parse_arg` (typed, unknown names are an error): `runlocal` shrinks the batch and steps for a smoke
 test on one machine.
+
+`mesh.logical_axis_rules` maps the models' logical axis names onto the mesh axes (maxtext's
+`logical_axis_rules`; default `var_jax.parallel.sharding.DEFAULT_RULES`); a rule given replaces the
+default of the name it names, e.g. --config.mesh.logical_axis_rules="(('embed', None),)" replicates
+the weights that FSDP would split.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -23,6 +40,7 @@ import traceback
 from ml_collections import ConfigDict
 
 from var_jax.models import PATCH_NUMS, VARConfig, VQVAEConfig
+from var_jax.parallel import sharding
 
 DATA_SOURCES = ('builtin', 'imagefolder', 'tfds', 'tokens')  # tokens: VAR only (python -m var_jax.pretokenize)
 
@@ -114,7 +132,8 @@ def common(c: ConfigDict, *, batch_size: int, epochs: float) -> ConfigDict:
     c.epochs = epochs
     c.total_steps = 0  # > 0 overrides epochs
     c.grad_accum = 1
-    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0))  # num_devices 0 = all
+    # num_devices 0 = all; logical_axis_rules: (logical name, mesh axis | None | tuple of axes) pairs
+    c.mesh = ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=0, logical_axis_rules=sharding.DEFAULT_RULES))
     c.log_every = 50
     c.checkpoint_every = 2000
     c.keep_checkpoints = 3
@@ -123,18 +142,34 @@ def common(c: ConfigDict, *, batch_size: int, epochs: float) -> ConfigDict:
     return c
 
 
+def model_section(cls, *, exclude: tuple[str, ...] = (), **values) -> ConfigDict:
+    """`config.model` for the dataclass `cls`: every field by its name with its default, then `values`;
+    `exclude` names the fields the run fills from elsewhere (never set in the config)."""
+    fields = {f.name: f.default for f in dataclasses.fields(cls) if f.name not in exclude}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ValueError(f'{cls.__name__} has no field {unknown[0]!r}')
+    return ConfigDict({**fields, **values})
+
+
+# the fields of a VAR run that its tokenizer decides (`var_model_config`); patch_nums stays a key: () = the tokenizer's
+_FROM_TOKENIZER = ('vocab_size', 'cvae')
+
+
 def var_recipe(*, depth: int, batch_size: int, epochs: float, tblr: float, alng: float, wpe: float,
-               twde: float = 0.05, pn: int = 256, runlocal: bool = False) -> ConfigDict:
-    """The official VAR-d{depth} recipe on ImageNet (TFDS); see the table above."""
+               twde: float = 0.05, image_size: int = 256, runlocal: bool = False) -> ConfigDict:
+    """The official VAR-d{depth} recipe on ImageNet (TFDS); see the table above (`alng` is
+    `model.init_adaln_gamma`, `image_size` the official --pn)."""
     c = common(ConfigDict(), batch_size=batch_size, epochs=epochs)
-    c.model = ConfigDict(dict(depth=depth, width=0, num_heads=0, shared_aln=depth == 36, pn=pn, patch_nums=(),
-                              num_classes=0, dtype='bfloat16', attention='xla', remat='none', scan_layers=True,
-                              cond_drop_rate=0.1, drop_path_rate=-1.0, aln=0.5, alng=alng))
+    c.model = model_section(VARConfig, exclude=_FROM_TOKENIZER, depth=depth, width=0, num_heads=0,
+                            shared_aln=depth == 36, patch_nums=(), num_classes=0, dtype='bfloat16', attention='xla',
+                            remat='none', scan_layers=True, cond_drop_rate=0.1, drop_path_rate=-1.0, init_adaln=0.5,
+                            init_adaln_gamma=alng)
     # the frozen tokenizer: a converted official checkpoint, a tokenizer workdir, or '' to train one
     # first with `tokenizer_train` (only sensible for small data such as the built-in set)
     c.tokenizer = ConfigDict(dict(checkpoint='', train=ConfigDict()))
     c.init_from = ''  # converted official VAR checkpoint to fine-tune from
-    c.data = data_config(image_size=pn)
+    c.data = data_config(image_size=image_size)
     # ema: decay of an EMA copy of the VAR weights; 0 (off) is the official recipe. When on, sample
     # grids, the built-in score and exported weights use the EMA copy.
     c.optim = ConfigDict(dict(tblr=tblr, lr=0.0, wd=0.05, wd_end=twde, wp_epochs=epochs / 50, wp0=0.005, wpe=wpe,
@@ -151,10 +186,10 @@ def var_recipe(*, depth: int, batch_size: int, epochs: float, tblr: float, alng:
 def tokenizer_recipe(*, runlocal: bool = False) -> ConfigDict:
     """Official-architecture multi-scale VQVAE (ch 160, V 4096, Cvae 32, 256px) on ImageNet."""
     c = common(ConfigDict(), batch_size=256, epochs=100)
-    c.model = ConfigDict(dict(vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2,
-                              using_sa=True, using_mid_sa=True, num_groups=32, beta=0.25, using_znorm=False,
-                              quant_conv_ks=3, quant_resi=0.5, share_quant_resi=4, pn=256, patch_nums=(),
-                              dtype='float32'))
+    c.model = model_section(VQVAEConfig, vocab_size=4096, z_channels=32, ch=160, ch_mult=(1, 1, 2, 2, 4),
+                            num_res_blocks=2, using_sa=True, using_mid_sa=True, num_groups=32, beta=0.25,
+                            using_znorm=False, quant_conv_ks=3, quant_resi=0.5, share_quant_resi=4,
+                            patch_nums=PATCH_NUMS[256], dtype='float32')
     c.init_from = ''  # a converted official VQVAE (fine-tuning, e.g. on a new domain)
     c.data = data_config(image_size=256, hflip=True)
     c.optim = ConfigDict(dict(lr=1e-4, wd=0.0, wd_end=0.0, b1=0.5, b2=0.9, clip=0.0, warmup_steps=1000,
@@ -211,8 +246,13 @@ def check(config: ConfigDict, kind: str) -> None:
     need(d.workers >= 0, f'data.workers must be >= 0, got {d.workers}')
     need(d.get('buffer_mb', 1024) > 0, f'data.buffer_mb must be > 0, got {d.get("buffer_mb")}')
     m = config.model
-    if not m.patch_nums:
-        need(m.pn in PATCH_NUMS, f'model.pn must be one of {sorted(PATCH_NUMS)} (or give model.patch_nums), got {m.pn}')
+    try:
+        _model_fields(m, VARConfig if kind == 'var' else VQVAEConfig)
+        sharding.check_rules(config.mesh.get('logical_axis_rules', ()))
+    except ValueError as e:
+        need(False, str(e).removeprefix('config.'))
+    if kind == 'tokenizer':
+        need(len(m.patch_nums) > 0, f'model.patch_nums must name the scales, e.g. {PATCH_NUMS[256]} for 256px images')
     if kind == 'var':
         o = config.optim
         need(o.tblr > 0 or o.lr > 0, 'optim.tblr (or optim.lr) must be > 0')
@@ -224,28 +264,45 @@ def check(config: ConfigDict, kind: str) -> None:
 
 
 def vqvae_model_config(model_cfg) -> VQVAEConfig:
-    """The tokenizer's model dataclass from `config.model` of a tokenizer run."""
-    m = model_cfg
-    return VQVAEConfig(vocab_size=m.vocab_size, z_channels=m.z_channels, ch=m.ch, ch_mult=tuple(m.ch_mult),
-                       num_res_blocks=m.num_res_blocks, using_sa=m.using_sa, using_mid_sa=m.using_mid_sa,
-                       num_groups=m.num_groups, beta=m.beta, using_znorm=m.using_znorm, quant_conv_ks=m.quant_conv_ks,
-                       quant_resi=m.quant_resi, share_quant_resi=m.share_quant_resi,
-                       patch_nums=patch_nums_of(m), dtype=m.dtype)
+    """The tokenizer's model dataclass from `config.model` of a tokenizer run (its keys are the fields)."""
+    return VQVAEConfig(**_model_fields(model_cfg, VQVAEConfig))
 
 
 def var_model_config(model_cfg, vq: VQVAEConfig, num_classes: int) -> VARConfig:
     """The VAR dataclass from `config.model` of a VAR run; vocabulary, latent channels and scales
-    come from its tokenizer `vq`, the class count from the data when `model.num_classes` is 0."""
-    m = model_cfg
-    return VARConfig(depth=m.depth, width=m.width, num_heads=m.num_heads, num_classes=m.num_classes or num_classes,
-                     vocab_size=vq.vocab_size, cvae=vq.z_channels, patch_nums=vq.patch_nums,
-                     shared_aln=m.shared_aln, cond_drop_rate=m.cond_drop_rate, drop_path_rate=m.drop_path_rate,
-                     init_adaln=m.aln, init_adaln_gamma=m.alng, dtype=m.dtype, attention=m.attention,
-                     remat=m.remat, scan_layers=m.scan_layers)
+    come from its tokenizer `vq` (a value given in the config must agree), the class count from the
+    data when `model.num_classes` is 0."""
+    fields = _model_fields(model_cfg, VARConfig)
+    for name, theirs in dict(vocab_size=vq.vocab_size, cvae=vq.z_channels, patch_nums=vq.patch_nums).items():
+        if fields.get(name) and fields[name] != theirs:
+            raise ValueError(f'config.model.{name} {fields[name]} differs from the tokenizer\'s {theirs}')
+        fields[name] = theirs
+    fields['num_classes'] = fields.get('num_classes') or num_classes
+    return VARConfig(**fields)
 
 
-def patch_nums_of(model_cfg) -> tuple[int, ...]:
-    return tuple(model_cfg.patch_nums) if model_cfg.patch_nums else PATCH_NUMS[model_cfg.pn]
+def _model_fields(model_cfg, cls) -> dict:
+    """`config.model` as keyword arguments of `cls` (lists as tuples); a key that is not a field is a
+    ValueError naming it and the fields."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    out = {k: tuple(v) if isinstance(v, list | tuple) else v for k, v in model_cfg.items()}
+    unknown = sorted(set(out) - fields)
+    if unknown:
+        raise ValueError(f'config.model.{unknown[0]} is not a {cls.__name__} field '
+                         f'(known: {", ".join(sorted(fields))})')
+    return out
+
+
+def patch_nums_of(config) -> tuple[int, ...]:
+    """The scales of a run without a tokenizer to ask: `model.patch_nums`, else the official ones of
+    `data.image_size` (256 or 512, the official --pn)."""
+    if config.model.patch_nums:
+        return tuple(config.model.patch_nums)
+    size = config.data.image_size
+    if size not in PATCH_NUMS:
+        raise ValueError(f'config.data.image_size {size} has no official patch_nums (those of '
+                         f'{" or ".join(map(str, sorted(PATCH_NUMS)))}px): give config.model.patch_nums')
+    return PATCH_NUMS[size]
 
 
 # ---------------------------------------------------------------------------- the trainers' command line
