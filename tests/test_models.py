@@ -135,6 +135,7 @@ def test_layer_norm_backward_equals_autodiff():
         np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_var_gradient_unchanged_by_the_custom_norm_backward(tiny_var, monkeypatch):
     x = np.random.default_rng(0).normal(size=(2, TINY_VAR.L - 1, TINY_VAR.cvae)).astype(np.float32)
     graphdef, params = nnx.split(tiny_var, nnx.Param)
@@ -256,6 +257,7 @@ def test_attention_on_the_wrong_platform_is_a_one_line_error():
 
 
 @pytest.mark.parametrize('impl', ['jax', 'blockwise'])
+@pytest.mark.slow
 def test_var_logits_and_gradients_equal_xla(tiny_var, impl, monkeypatch):
     """The whole model with another attention: same logits and parameter gradients as 'xla'.
     Groups of >= 4 tokens make the tiny model's 'blockwise' run a masked group and two unmasked."""
