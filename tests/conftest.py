@@ -9,6 +9,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import tempfile
 
 # Compilation dominates the suite on a 2-core CPU, and many tests (and the subprocesses of the CLI
@@ -20,7 +22,7 @@ if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
     os.environ.update(JAX_COMPILATION_CACHE_DIR=_jit_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
                       JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='-1')
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update('jax_num_cpu_devices', 8)
 
@@ -102,9 +104,6 @@ def override(config, **dotted):
 def prepare_tiny_tfds(data_dir: pathlib.Path) -> pathlib.Path:
     """The `var_jax_tiny` TFDS dataset (tests/data/make_tiny_tfds.py), prepared in a subprocess so
     that the test process reads it without its builder class, like a dataset prepared elsewhere."""
-    import subprocess  # noqa: PLC0415
-    import sys  # noqa: PLC0415
-
     r = subprocess.run([sys.executable, str(REPO / 'tests' / 'data' / 'make_tiny_tfds.py'), str(data_dir)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

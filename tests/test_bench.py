@@ -24,6 +24,7 @@ def _table(out: str) -> list[list[str]]:
     return [[c.strip() for c in r.strip('|').split('|')] for r in rows]
 
 
+@pytest.mark.slow
 def test_train_step_against_the_autodiff_norm_baseline(capsys):
     rc = bench.main(['train', '--config', str(REPO / 'configs' / 'tiny.py') + ':ci', '--batch', '2',
                      '--warmup', '1', '--repeats', '2', '--baseline', 'autodiff_norm'])
@@ -37,6 +38,7 @@ def test_train_step_against_the_autodiff_norm_baseline(capsys):
     assert re.fullmatch(r'\d+\.\d\dx', ratio)
 
 
+@pytest.mark.slow
 def test_train_step_of_a_tokenizer_config(capsys):
     rc = bench.main(['train', '--config', str(REPO / 'configs' / 'tokenizer_tiny.py'), '--batch', '2',
                      '--warmup', '1', '--repeats', '1'])

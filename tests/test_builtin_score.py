@@ -122,6 +122,7 @@ def tiny_workdir(tmp_path_factory, tiny_vqvae, tiny_var):
     return d
 
 
+@pytest.mark.slow
 def test_evaluate_workdir(judge, tiny_workdir):
     out = builtin_score.evaluate_workdir(tiny_workdir, per_class=3, seed=1)
     assert tuple(out) == KEYS
@@ -138,6 +139,7 @@ def test_evaluate_workdir(judge, tiny_workdir):
     assert saved['settings']['judge']['cached'] is False  # the session's judge, trained in this process
 
 
+@pytest.mark.slow
 def test_cli_table(judge, tiny_workdir, capsys):
     # same per_class as above: same batch shape, so the sampler is not compiled again
     assert evaluate.main(['--workdir', str(tiny_workdir), '--per_class', '3', '--cfg', '1']) == 0
@@ -147,6 +149,7 @@ def test_cli_table(judge, tiny_workdir, capsys):
     assert json.loads((tiny_workdir / 'eval.json').read_text())['settings']['cfg'] == 1.0
 
 
+@pytest.mark.slow
 def test_stored_score_only_for_the_same_settings_and_checkpoint(judge, tiny_workdir, tmp_path):
     saved = json.loads((tiny_workdir / 'eval.json').read_text())
     same = dict(per_class=3, cfg=1.0, top_k=0, top_p=0.0, seed=0)  # what test_cli_table measured

@@ -52,6 +52,7 @@ def test_inferred_configs(tiny_dir):
     assert (vq.config.ch, vq.config.ch_mult, vq.config.share_quant_resi) == (32, (1, 1, 2, 2, 4), 4)
 
 
+@pytest.mark.slow
 def test_cli_round_trip(tiny_dir, tmp_path):
     out = tmp_path / 'ckpt'
     r = subprocess.run([sys.executable, '-m', 'var_jax.convert', '--vae', str(tiny_dir / 'vae.pth'), '--var',

@@ -10,6 +10,7 @@ import pytest
 from conftest import TINY_PNS, TINY_VAR, TINY_VQ
 from flax import nnx
 
+from var_jax.io.checkpoint import merge_params
 from var_jax.models import (
     PATCH_NUMS_256,
     PATCH_NUMS_512,
@@ -104,7 +105,7 @@ def test_training_mode_randomness(tiny_var):
     np.testing.assert_array_equal(eval_logits, np.asarray(tiny_var(labels, x)))
     with pytest.raises(ValueError, match='rng'):
         tiny_var(labels, x, train=True)
-    fwd = nnx.jit(lambda m, l, x, k: m(l, x, train=True, rng=k))
+    fwd = nnx.jit(lambda m, y, x, k: m(y, x, train=True, rng=k))
     a, b = fwd(tiny_var, labels, x, jax.random.key(1)), fwd(tiny_var, labels, x, jax.random.key(2))
     assert not np.allclose(a, b), 'label dropout / drop-path use the key'
     np.testing.assert_array_equal(a, fwd(tiny_var, labels, x, jax.random.key(1)))
@@ -122,8 +123,6 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 def test_layer_norm_backward_equals_autodiff():
     """The hand-written LayerNorm backward (faster on XLA CPU) is the autodiff one."""
-    from var_jax.models import var as var_module
-
     x = jax.random.normal(jax.random.key(0), (3, 7, 64)) * 3 + 1
     g = jax.random.normal(jax.random.key(1), x.shape)
     for dtype in (jnp.float32, jnp.bfloat16):
@@ -136,14 +135,15 @@ def test_layer_norm_backward_equals_autodiff():
         np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_var_gradient_unchanged_by_the_custom_norm_backward(tiny_var, monkeypatch):
-    from var_jax.models import var as var_module
-
     x = np.random.default_rng(0).normal(size=(2, TINY_VAR.L - 1, TINY_VAR.cvae)).astype(np.float32)
     graphdef, params = nnx.split(tiny_var, nnx.Param)
 
     def grads():
-        loss = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(np.array([1, 2]), x)))
+        def loss(p):
+            return jnp.sum(jnp.sin(nnx.merge(graphdef, p)(np.array([1, 2]), x)))
+
         return jax.grad(loss)(params)
 
     custom = grads()
@@ -257,11 +257,10 @@ def test_attention_on_the_wrong_platform_is_a_one_line_error():
 
 
 @pytest.mark.parametrize('impl', ['jax', 'blockwise'])
+@pytest.mark.slow
 def test_var_logits_and_gradients_equal_xla(tiny_var, impl, monkeypatch):
     """The whole model with another attention: same logits and parameter gradients as 'xla'.
     Groups of >= 4 tokens make the tiny model's 'blockwise' run a masked group and two unmasked."""
-    from var_jax.io.checkpoint import merge_params
-
     monkeypatch.setattr(var_module, 'BLOCKWISE_MIN_TOKENS', 4)
     assert len(attention_groups(TINY_PNS, 4)) == 3
     other = merge_params(TINY_VAR.replace(attention=impl), nnx.state(tiny_var, nnx.Param))
@@ -270,7 +269,9 @@ def test_var_logits_and_gradients_equal_xla(tiny_var, impl, monkeypatch):
 
     def logits_and_grads(model):
         graphdef, params = nnx.split(model, nnx.Param)
-        f = lambda p: jnp.sum(jnp.sin(nnx.merge(graphdef, p)(labels, x)))
+        def f(p):
+            return jnp.sum(jnp.sin(nnx.merge(graphdef, p)(labels, x)))
+
         return model(labels, x), jax.grad(f)(params)
 
     (a, ga), (b, gb) = logits_and_grads(tiny_var), logits_and_grads(other)

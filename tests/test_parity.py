@@ -60,6 +60,7 @@ def test_teacher_forced_logits_every_attention(official, attention):
 
 
 @pytest.mark.parametrize('cfg', CFGS)
+@pytest.mark.slow
 def test_greedy_guided_sampling(official, cfg):
     e = official.expected
     images, idx, logits = generate.sample(official.var, official.vqvae, e['labels'], jax.random.key(0), cfg=cfg,

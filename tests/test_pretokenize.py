@@ -75,6 +75,7 @@ def one_step(config, batch):
     return float(m['loss']), float(m['Accm']), jax.device_get(state.params)
 
 
+@pytest.mark.slow
 def test_same_crops_same_tokens_and_loss(tokenizer_dir, builtin_tokens):
     img_cfg, tok_cfg = tiny_config(tokenizer_dir), token_config(tokenizer_dir, builtin_tokens)
     img_batch, _ = first_batch(img_cfg)  # centre crops, source order
@@ -92,6 +93,7 @@ def test_same_crops_same_tokens_and_loss(tokenizer_dir, builtin_tokens):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_from_tokens(tokenizer_dir, builtin_tokens, tmp_path):
     c = token_config(tokenizer_dir, builtin_tokens)  # the step of the test above: a compile-cache hit
     out = train.run(c, tmp_path / 'w')

@@ -24,8 +24,6 @@ from var_jax.io import checkpoint
 from var_jax.models import create
 from var_jax.training import configs, loop
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope='module')
 def trained(tokenizer_dir, tmp_path_factory):  # noqa: F811
@@ -61,6 +59,7 @@ def damage(w, step: int, how: str):
 
 
 @pytest.mark.parametrize('how', ['truncate', 'bitflip'])
+@pytest.mark.slow
 def test_a_damaged_newest_step_falls_back_to_the_intact_one(tokenizer_dir, trained, tmp_path, how):  # noqa: F811
     w = copy_of(trained, tmp_path)
     damage(w, 4, how)
@@ -85,6 +84,7 @@ def test_a_damaged_newest_step_falls_back_to_the_intact_one(tokenizer_dir, train
     assert sorted(s for s in losses(w) if s > 2) == [3, 4, 5, 6]
 
 
+@pytest.mark.slow
 def test_a_config_mismatch_is_not_taken_for_damage(tokenizer_dir, trained, tmp_path):  # noqa: F811
     w = copy_of(trained, tmp_path)
     with pytest.raises(ValueError, match='cannot restore step 4'):
@@ -94,6 +94,7 @@ def test_a_config_mismatch_is_not_taken_for_damage(tokenizer_dir, trained, tmp_p
 
 
 # ---------------------------------------------------------------------------- 19.3 tokenizer changes
+@pytest.mark.slow
 def test_another_tokenizer_on_a_rerun_is_an_error(trained, tmp_path):
     w = copy_of(trained, tmp_path)
     other = tmp_path / 'other_tok'
@@ -108,6 +109,7 @@ def test_another_tokenizer_on_a_rerun_is_an_error(trained, tmp_path):
         train.run(c, w)
 
 
+@pytest.mark.slow
 def test_retraining_the_tokenizer_under_a_trained_var_is_an_error(trained, tmp_path):
     w = copy_of(trained, tmp_path)
     tok = configs.tokenizer_tiny()
@@ -135,6 +137,7 @@ with loop.workdir_lock(sys.argv[1]):
 '''
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_workdir_is_refused(tokenizer_dir, trained, tmp_path):  # noqa: F811
     w = copy_of(trained, tmp_path)
     holder = subprocess.Popen([sys.executable, '-c', HOLDER, str(w)], cwd=REPO, env=env8(), stdout=subprocess.PIPE,
@@ -167,6 +170,7 @@ def test_the_lock_is_reentrant_in_one_process_and_released(tmp_path):
 
 
 # ---------------------------------------------------------------------------- 19.7 stop, batch size, dry run
+@pytest.mark.slow
 def test_a_signal_stop_exits_with_the_requeue_code(tokenizer_dir, tmp_path):  # noqa: F811
     w = tmp_path / 'w'
     p = subprocess.Popen([sys.executable, '-m', 'var_jax.train']
@@ -187,6 +191,7 @@ def test_a_signal_stop_exits_with_the_requeue_code(tokenizer_dir, tmp_path):  # 
     assert checkpoint.TrainCheckpointer(w, read_only=True).latest_step() is not None
 
 
+@pytest.mark.slow
 def test_resuming_with_another_batch_size_says_so(tokenizer_dir, trained, tmp_path, capsys):  # noqa: F811
     w = copy_of(trained, tmp_path)
     train.run(tiny_config(tokenizer_dir, total_steps=6, batch_size=8), w)
@@ -196,6 +201,7 @@ def test_resuming_with_another_batch_size_says_so(tokenizer_dir, trained, tmp_pa
     assert 'total_steps 6' in notes[0] and '4' in notes[0]
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_default_config(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'var_jax.train', f'--config={REPO / "configs" / "tiny.py"}',
                         f'--workdir={tmp_path / "w"}', '--dry_run'], cwd=REPO, env=env8(), capture_output=True,
@@ -205,6 +211,7 @@ def test_dry_run_of_the_default_config(tmp_path):
     assert not (tmp_path / 'w' / 'tokenizer').exists(), 'a dry run trains and writes nothing'
 
 
+@pytest.mark.slow
 def test_dry_run_says_what_fits(tokenizer_dir, tmp_path):  # noqa: F811
     c = tiny_config(tokenizer_dir, batch_size=64, **{'model.scan_layers': True})
     base = loop.run(train.VARTask(c, tmp_path / 'w', dry_run=True), c, tmp_path / 'w', dry_run=True)

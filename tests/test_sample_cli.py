@@ -89,6 +89,7 @@ def cell(grid: np.ndarray, row: int, from_right: int = 0, size: int = 64, pad: i
 
 
 # ---------------------------------------------------------------------------- PNG outputs
+@pytest.mark.slow
 def test_grid_progression_and_seeds(ckpt, tmp_path, capsys):
     a, c, strips = (tmp_path / f'{n}.png' for n in ('a', 'c', 'strips'))
     args = ['--classes', '3,5', '--per_class', 2, '--batch_size', 8]
@@ -164,6 +165,7 @@ def test_npz_format_and_order(ckpt, reference_npz, tmp_path, capsys):
         np.testing.assert_array_equal(cell(grid, 0, from_right=1 - i)[::8, ::8], x[(labels == 7) & (index == i)][0])
 
 
+@pytest.mark.slow
 def test_npz_independent_of_batch_and_devices(ckpt, reference_npz, tmp_path, capsys):
     out = tmp_path / 'one_device.npz'
     sample(ckpt, capsys, '--all_classes', '--per_class', 2, '--npz', out, '--num_devices', 1, '--batch_size', 3,
@@ -207,6 +209,7 @@ def _edit_inputs(tmp_path):
     return tmp_path / 'in.png', tmp_path / 'mask.png'
 
 
+@pytest.mark.slow
 def test_edit_keeps_unmasked_tokens(ckpt, tmp_path, capsys):
     image, mask = _edit_inputs(tmp_path)
     for mode, extra in (('inpaint', []), ('edit', ['--class', 4]), ('outpaint', [])):
@@ -342,6 +345,7 @@ def test_outputs_checked_before_loading(ckpt, tmp_path, capsys, loads, tool, cas
     assert sorted(str(p) for p in tmp_path.rglob('*')) == before and (tmp_path / 'taken.png').read_bytes() == b'old'
 
 
+@pytest.mark.slow
 def test_output_format_force_top_p_0_and_dtype(ckpt, tmp_path, capsys, loads):
     """--out x.jpg writes JPEG; --force replaces; --top_p 0 means off (as in the library and the
     configs); --dtype sets the compute dtype of both models, parameters stay float32."""

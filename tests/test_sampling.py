@@ -90,6 +90,7 @@ def test_sample_shapes_seeds_and_no_recompile(tiny_var, tiny_vqvae):
     assert not np.array_equal(img, img3)
 
 
+@pytest.mark.slow
 def test_cfg_zero_skips_the_null_class_rows_without_changing_samples(tiny_var, tiny_vqvae):
     labels = np.array([1, 4, 9])
     img, idx, logits = generate.sample(tiny_var, tiny_vqvae, labels, jax.random.key(2), cfg=0.0, top_k=5,
@@ -104,6 +105,7 @@ def test_cfg_zero_skips_the_null_class_rows_without_changing_samples(tiny_var, t
     np.testing.assert_allclose(img, img2, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_rows_do_not_depend_on_the_batch(tiny_var, tiny_vqvae):
     keys = jax.random.split(jax.random.key(0), 4)
     _, a = generate.sample(tiny_var, tiny_vqvae, np.array([1, 2, 3, 4]), keys, cfg=2.0, top_k=0, top_p=0.0)
@@ -113,6 +115,7 @@ def test_rows_do_not_depend_on_the_batch(tiny_var, tiny_vqvae):
         np.testing.assert_array_equal(np.asarray(x)[[2, 0]], y)
 
 
+@pytest.mark.slow
 def test_more_smooth(tiny_var, tiny_vqvae):
     img, idx = generate.sample(tiny_var, tiny_vqvae, np.array([0, 1]), jax.random.key(0), cfg=1.0, top_k=5,
                                top_p=0.9, more_smooth=True)
@@ -175,6 +178,7 @@ def test_pinned_tokens(tiny_var, tiny_vqvae, setting):
 
 
 @pytest.mark.parametrize('setting', [(1.5, 20, 0.8, False), (1.5, 5, 0.9, True)])
+@pytest.mark.slow
 def test_pinned_tokens_through_the_top_k_path(tiny_var, tiny_vqvae, setting, small_capacity):
     """top_k <= capacity: lax.top_k instead of the full sort, the same tokens."""
     test_pinned_tokens(tiny_var, tiny_vqvae, setting)

@@ -74,6 +74,7 @@ def env8(**extra):
     return env
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_one_device(tokenizer_dir, tmp_path):
     one = train.run(tiny_config(tokenizer_dir, **{'mesh.num_devices': 1, 'total_steps': 3}), tmp_path / 'one')
     sharded = train.run(tiny_config(tokenizer_dir, **{'mesh.data': 2, 'mesh.fsdp': 4, 'total_steps': 3}),
@@ -84,6 +85,7 @@ def test_sharded_step_matches_one_device(tokenizer_dir, tmp_path):
     assert abs(one['grad_norm'] - sharded['grad_norm']) < 1e-4 * max(1.0, one['grad_norm'])
 
 
+@pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tokenizer_dir, tmp_path):
     cmd = [sys.executable, '-m', 'var_jax.train'] + cli_args(tokenizer_dir, tmp_path / 'run')
     killed = subprocess.run(cmd, cwd=REPO, env=env8(VAR_JAX_FAULT_KILL_AT_STEP='3'), capture_output=True, text=True)
@@ -109,6 +111,7 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tokenizer_dir, tmp_pat
     np.testing.assert_array_equal([after[s] for s in after], [want[s] for s in after])
 
 
+@pytest.mark.slow
 def test_restore_on_another_mesh(tokenizer_dir, tmp_path):
     w = tmp_path / 'w'
     train.run(tiny_config(tokenizer_dir, **{'mesh.data': 2, 'mesh.fsdp': 4, 'total_steps': 2}), w)
@@ -122,6 +125,7 @@ def test_restore_on_another_mesh(tokenizer_dir, tmp_path):
     assert np.isfinite(out['Lm']) and sorted(losses(w)) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_loss_falls(tokenizer_dir, tmp_path):
     train.run(tiny_config(tokenizer_dir, **{'total_steps': 40, 'log_every': 5, 'checkpoint_every': 40}),
               tmp_path / 'w')
@@ -129,6 +133,7 @@ def test_loss_falls(tokenizer_dir, tmp_path):
     assert lm[40] < lm[1] - 0.5, lm
 
 
+@pytest.mark.slow
 def test_ema_weights_are_what_inference_loads(tokenizer_dir, tmp_path):
     # optim.ema is off in the official recipe; on, it must not change training, only what is exported
     kw = {'total_steps': 3, 'checkpoint_every': 3}
@@ -145,6 +150,7 @@ def test_ema_weights_are_what_inference_loads(tokenizer_dir, tmp_path):
 
 
 @pytest.mark.parametrize('layout', ['classes', 'flat', 'tfds'])
+@pytest.mark.slow
 def test_corrupt_images_are_skipped_and_counted(tmp_path, layout, capsys):
     """Each image source with unreadable records: an image folder with class subfolders, a flat
     one (one class), and a prepared TFDS dataset read as array_record without TensorFlow."""

@@ -33,6 +33,7 @@ def records(workdir):
     return out
 
 
+@pytest.mark.slow
 def test_psnr_rises_and_every_scale_uses_the_codebook(tmp_path):
     out = train_tokenizer.run(tiny_config(total_steps=150, log_every=10, checkpoint_every=150), tmp_path / 'w')
     r = records(tmp_path / 'w')
@@ -44,6 +45,7 @@ def test_psnr_rises_and_every_scale_uses_the_codebook(tmp_path):
     assert (tmp_path / 'w' / 'recon' / 'step_0000150.png').exists()
 
 
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     c = tiny_config(total_steps=6, checkpoint_every=3)
     train_tokenizer.run(c, tmp_path / 'a')
@@ -61,6 +63,7 @@ def test_resume_is_exact(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(a, nnx.Param), nnx.state(b, nnx.Param))
 
 
+@pytest.mark.slow
 def test_gan_lpips_and_ema_paths(tmp_path):
     c = tiny_config(total_steps=4, **{'loss.gan': 0.1, 'loss.gan_start': 2, 'loss.lpips': 1.0, 'loss.ema': 0.9,
                                       'loss.disc_ch': 16, 'loss.disc_layers': 2})
@@ -73,6 +76,7 @@ def test_gan_lpips_and_ema_paths(tmp_path):
     assert vq.config.vocab_size == 64
 
 
+@pytest.mark.slow
 def test_fine_tune_from_a_model_checkpoint(tmp_path):
     c = tiny_config(total_steps=2)
     start = create(configs.vqvae_model_config(c.model), seed=7)
