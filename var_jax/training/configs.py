@@ -132,7 +132,8 @@ def var_recipe(*, depth: int, batch_size: int, epochs: float, tblr: float, alng:
                               cond_drop_rate=0.1, drop_path_rate=-1.0, aln=0.5, alng=alng))
     # the frozen tokenizer: a converted official checkpoint, a tokenizer workdir, or '' to train one
     # first with `tokenizer_train` (only sensible for small data such as the built-in set)
-    c.tokenizer = ConfigDict(dict(checkpoint='', train=ConfigDict()))
+    # allow_other_data: let tokenizer.train.data name other images than config.data (training/own_data.py)
+    c.tokenizer = ConfigDict(dict(checkpoint='', train=ConfigDict(), allow_other_data=False))
     c.init_from = ''  # converted official VAR checkpoint to fine-tune from
     c.data = data_config(image_size=pn)
     # ema: decay of an EMA copy of the VAR weights; 0 (off) is the official recipe. When on, sample
