@@ -56,9 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                                          '(also the rFID of the tokenizer metrics)')
     p.add_argument('--batch_size', type=int, default=128,
                    help='images per step over all local devices (rounded up to a multiple of the device count)')
-    ws = p.add_argument_group('built-in score (a VAR trained on the built-in shapes10 data)')
-    ws.add_argument('--workdir', help='training workdir (or model checkpoint) of a VAR trained on shapes10')
-    ws.add_argument('--per_class', type=int, default=100, help='samples per class, drawn with and without guidance')
+    ws = p.add_argument_group('built-in score (a VAR trained on the built-in shapes10 data) or folder score (a VAR '
+                              'trained on an image folder: judged by a classifier trained on that folder)')
+    ws.add_argument('--workdir', help='training workdir (or model checkpoint) of a VAR trained on shapes10 or on an '
+                                      'image folder (configs/folder.py; --inception adds FID / KID)')
+    ws.add_argument('--per_class', type=int, default=None, help='samples per class, drawn with and without guidance '
+                    "(default: 100; a folder run: its config's score_per_class)")
     ws.add_argument('--cfg', type=float, default=None,
                     help="guidance scale of the guided samples (default: the workdir's sample.cfg, else 5.0)")
     ws.add_argument('--top_k', type=int, default=0, help='top-k filter when sampling (0 = off)')
@@ -102,11 +105,20 @@ def run_adm(args: argparse.Namespace) -> int:
 def run_builtin(args: argparse.Namespace) -> int:
     from var_jax.eval import builtin_score  # noqa: PLC0415  (numpy and JSON until the inputs are checked)
 
-    results, settings = builtin_score.score(args.workdir, per_class=args.per_class, cfg=args.cfg,
+    per_class = 100 if args.per_class is None else args.per_class
+    results, settings = builtin_score.score(args.workdir, per_class=per_class, cfg=args.cfg,
                                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(builtin_score.format_results(results, settings), flush=True)
     print(f'written to {args.workdir.rstrip("/")}/{builtin_score.EVAL_FILE} ({settings["seconds"]:.0f} s)',
           flush=True)
+    return 0
+
+
+def run_folder(args: argparse.Namespace) -> int:
+    from var_jax.eval import folder_score  # noqa: PLC0415  (JSON until the inputs are checked)
+
+    folder_score.run(args.workdir, per_class=args.per_class, cfg=args.cfg, top_k=args.top_k, top_p=args.top_p,
+                     seed=args.seed, inception=args.inception)
     return 0
 
 
@@ -171,6 +183,11 @@ def select_mode(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]
     if stray:
         raise ValueError(f'{", ".join(stray)} only apply to the tokenizer metrics (--tokenizer)')
     adm_flags = {'--samples': args.samples, '--ref': args.ref, '--inception': args.inception}
+    if args.workdir is not None and _is_folder_run(args.workdir):  # the folder score (eval/folder_score.py)
+        if args.samples is not None or args.ref is not None:
+            raise ValueError('pass either --workdir (folder score, optionally with --inception for FID/KID) or '
+                             '--samples, --ref and --inception (ADM suite), not both')
+        return run_folder
     if args.workdir is not None:
         if any(v is not None for v in adm_flags.values()):
             raise ValueError('pass either --workdir (built-in score) or --samples, --ref and --inception '
@@ -183,6 +200,12 @@ def select_mode(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]
         return run_adm
     raise ValueError('nothing to evaluate: pass --workdir (built-in score), --samples, --ref and '
                      '--inception (ADM suite), or --tokenizer and --data (tokenizer metrics)')
+
+
+def _is_folder_run(workdir) -> bool:
+    from var_jax.eval import folder_score  # noqa: PLC0415  (reads config.json only)
+
+    return folder_score.is_folder_run(workdir)
 
 
 def main(argv=None) -> int:

@@ -202,7 +202,7 @@ def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0,
             idx = perm[i * c['batch_size']:(i + 1) * c['batch_size']]
             params, opt_state, loss = step(params, opt_state, images[idx], labels[idx],
                                            jax.random.fold_in(key, epoch * steps_per_epoch + i))
-        if verbose:
+        if verbose and ((epoch + 1) % max(1, c['epochs'] // 10) == 0 or epoch + 1 == c['epochs']):
             print(f'[judge] epoch {epoch + 1}/{c["epochs"]} loss {float(loss):.3f} ({time.time() - t0:.0f} s)',
                   file=sys.stderr, flush=True)
     jax.block_until_ready(params)

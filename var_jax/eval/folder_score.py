@@ -299,25 +299,35 @@ def report(results: dict[str, float], settings: dict | None = None) -> str:
     return '\n'.join(lines)
 
 
-def run(workdir, **kw) -> dict[str, float]:
-    """Score `workdir`, print the report and where it was written (the `evaluate --workdir` mode)."""
-    results, settings = score(workdir, **kw)
+def run(workdir, *, per_class: int | None = None, cfg: float | None = None, top_k: int = 0, top_p: float = 0.0,
+        seed: int = 0, inception: str | None = None) -> dict[str, float]:
+    """Print the score of `workdir` (the `evaluate --workdir` mode and the end of a folder run): the
+    one in eval.json when it was measured with these settings on the latest checkpoint, else a new
+    one. `per_class` None: the run's `score_per_class`."""
+    config = builtin_score._read_json(epath.Path(workdir) / 'config.json', 'config.json') \
+        if (epath.Path(workdir) / 'config.json').exists() else {}
+    if per_class is None:
+        per_class = int(config.get('score_per_class') or 50)
+    if cfg is None:
+        cfg = (config.get('sample') or {}).get('cfg', builtin_score.DEFAULT_CFG)
+    stored = None if inception else builtin_score.stored_score(workdir, per_class=per_class, cfg=cfg, top_k=top_k,
+                                                                top_p=top_p, seed=seed)
+    path = epath.Path(workdir) / builtin_score.EVAL_FILE
+    if stored is not None:
+        settings = json.loads(path.read_text())['settings']
+        print(report(stored, settings), flush=True)
+        print(f'(measured earlier, from {path})', flush=True)
+        return stored
+    results, settings = score(workdir, per_class=per_class, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed,
+                              inception=inception)
     print(report(results, settings), flush=True)
-    print(f'written to {str(workdir).rstrip("/")}/{builtin_score.EVAL_FILE} ({settings["seconds"]:.0f} s)',
-          flush=True)
+    print(f'written to {path} ({settings["seconds"]:.0f} s)', flush=True)
     return results
 
 
 def for_run(config, workdir, *, complete: bool) -> dict[str, float]:
-    """The end-of-training score of a folder run (train.py): the stored one when this finished run was
-    already scored with the same settings, else a new one."""
+    """The end-of-training score of a folder run (train.py); a finished run rerun prints the stored one."""
+    del complete  # `run` reuses eval.json whenever it is newer than the latest checkpoint
     s = config.sample
-    settings = dict(per_class=config.get('score_per_class', 50), cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
-                    seed=s.seed)
-    stored = builtin_score.stored_score(workdir, **settings) if complete else None
-    if stored is not None:
-        print(f'[eval] score of this finished run, from {epath.Path(workdir) / builtin_score.EVAL_FILE}', flush=True)
-        print(report(stored), flush=True)
-        return stored
-    results = run(workdir, **settings)
-    return results
+    return run(workdir, per_class=config.get('score_per_class', 50), cfg=s.cfg, top_k=s.top_k, top_p=s.top_p,
+               seed=s.seed)
