@@ -221,7 +221,6 @@ def test_folder_end_to_end_and_resume(tmp_path):
     r2 = _train(args)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert 'already complete' in r2.stdout and 'measured earlier' in r2.stdout
-    assert not (work / 'tokenizer' / 'checkpoints' / '301').exists()
     # the evaluate command prints the same score
     r3 = subprocess.run([sys.executable, '-m', 'var_jax.evaluate', '--workdir', str(work)], capture_output=True,
                         text=True, cwd=REPO, timeout=600)

@@ -34,7 +34,12 @@ from var_jax.models import VARConfig
 
 # fields that training may set freely: they do not change the weights' shapes or meaning
 TRAINING_ONLY = ('dtype', 'remat', 'attention', 'scan_layers', 'cond_drop_rate', 'drop_path_rate', 'init_adaln',
-                 'init_adaln_gamma', 'num_classes')
+                 'init_adaln_gamma', 'init_head', 'init_std', 'num_classes')
+
+
+def _effective(cfg: VARConfig) -> VARConfig:
+    """width / num_heads 0 mean 64 * depth / depth (models/config.py): compare what they mean."""
+    return cfg.replace(width=cfg.C, num_heads=cfg.H)
 
 
 def resize_class_embedding(table: np.ndarray, num_classes: int, class_map=()) -> np.ndarray:
@@ -56,10 +61,12 @@ def resize_class_embedding(table: np.ndarray, num_classes: int, class_map=()) ->
 def pretrained_var(init_from: str, want: VARConfig, finetune=None) -> nnx.State:
     """The VAR weights in `init_from` for a model of config `want` (its class count may differ)."""
     _, var = checkpoint.load_model(init_from, need_var=True)
-    got = var.config.replace(**{k: getattr(want, k) for k in TRAINING_ONLY})
-    if got != want:
-        raise ValueError(f'config.init_from {init_from} holds a different VAR ({var.config}); set config.model to '
-                         'match it (depth, width, num_heads, shared_aln) and use its tokenizer')
+    got = _effective(var.config.replace(**{k: getattr(want, k) for k in TRAINING_ONLY}))
+    diff = [f'{k} {getattr(got, k)} there, {getattr(want, k)} here' for k in got.to_dict()
+            if getattr(got, k) != getattr(_effective(want), k)]
+    if diff:
+        raise ValueError(f'config.init_from {init_from} holds a different VAR ({"; ".join(diff)}); set config.model '
+                         'to match it and use its tokenizer (config.tokenizer.checkpoint)')
     params = nnx.state(var, nnx.Param)
     if var.config.num_classes != want.num_classes:
         emb = params['class_emb']['embedding']
