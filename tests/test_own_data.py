@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO, fixture_dir
+from conftest import REPO, fixture_dir, override
 from ml_collections import ConfigDict
 from PIL import Image, ImageDraw
 
@@ -54,14 +54,7 @@ def repo_config(name: str, arg=None, **dotted):
     spec = importlib.util.spec_from_file_location(f'_config_{name}', REPO / 'configs' / f'{name}.py')
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    c = module.get_config(arg)
-    for k, v in dotted.items():
-        node = c
-        *parents, leaf = k.split('.')
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return override(module.get_config(arg), **dotted)
 
 
 def folder_config(arg='size=ci', **dotted):
@@ -208,7 +201,7 @@ def test_folder_end_to_end_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     for phase in ('tokenizer', 'var'):  # each phase says what it reads, the same folder
-        assert f'[{phase}] reads imagefolder {root}: 270 training images, 30 held out' in out
+        assert f'[{phase}] reads imagefolder {root}: 274 training images, 26 held out' in out
         assert '4 classes (circle, cross, square, triangle); 32 px' in out
     assert 'folder score of' in out and 'chance accuracy is 25.0 %' in out
     assert sorted((work / 'samples').glob('*.png'))  # the labelled grid
@@ -216,7 +209,7 @@ def test_folder_end_to_end_and_resume(tmp_path):
     assert score['eval/classifier_test_acc'] >= 0.9  # the judge, on held-out real images
     assert score['eval/guided_class_acc'] >= 0.6  # chance 25 %
     assert score['eval/fd_guided'] < score['eval/fd_baseline_class_means']
-    assert score['settings']['reference'].startswith('held-out (30 images)')
+    assert score['settings']['reference'].startswith('held-out (26 images)')
     # again: a finished run resumes at its last step, trains nothing and reprints the stored score
     r2 = _train(args)
     assert r2.returncode == 0, r2.stderr[-3000:]

@@ -1,6 +1,7 @@
 """The built-in judge: a small CNN trained on real shapes10 images, independent of the generator.
 
-It scores models trained on the built-in data (see builtin_score.py, docs/builtin_eval.md):
+It scores models trained on the built-in data (see builtin_score.py, docs/builtin_eval.md); `fit`
+trains the same network on any labelled images (the judge of an image-folder run, folder_score.py):
 `predict` gives the class a sample looks like, `features` (the 128-d penultimate layer) is the
 space the Fréchet distances are computed in. It never sees a generated image in training.
 

@@ -262,20 +262,13 @@ def score(workdir, *, per_class: int = 50, cfg: float | None = None, top_k: int 
 
 
 # ---------------------------------------------------------------------------- report
-ROWS = (('eval/classifier_test_acc', 'judge accuracy, held-out real images', '%'),
-        ('eval/guided_class_acc', 'class accuracy, guided samples', '%'),
-        ('eval/unguided_class_acc', 'class accuracy, unguided samples', '%'),
-        ('eval/recon_class_acc', 'class accuracy, reconstructions', '%'),
-        (None, 'Fréchet distance to the held-out images (judge features; lower is better)', ''),
-        ('eval/fd_train_vs_test', '  real training images (the floor)', 'f'),
-        ('eval/fd_recon', '  tokenizer reconstructions', 'f'),
-        ('eval/fd_guided', '  guided samples', 'f'),
-        ('eval/fd_unguided', '  unguided samples', 'f'),
-        ('eval/fd_baseline_class_means', '  baseline: class-mean images', 'f'),
-        ('eval/fid_guided', 'FID (Inception), guided samples', 'f'),
-        ('eval/kid_guided', 'KID x 1e3 (Inception), guided samples', 'f'),
-        ('eval/fid_recon', 'FID (Inception), reconstructions', 'f'),
-        ('eval/kid_recon', 'KID x 1e3 (Inception), reconstructions', 'f'))
+# the built-in score's rows, read against the held-out images (no noise baseline), and the Inception ones
+ROWS = tuple((key, label.replace('real test images', 'held-out real images'), kind)
+             for key, label, kind in builtin_score.ROWS if key != 'eval/fd_baseline_noise') + (
+    ('eval/fid_guided', 'FID (Inception), guided samples', 'f'),
+    ('eval/kid_guided', 'KID x 1e3 (Inception), guided samples', 'f'),
+    ('eval/fid_recon', 'FID (Inception), reconstructions', 'f'),
+    ('eval/kid_recon', 'KID x 1e3 (Inception), reconstructions', 'f'))
 
 
 def report(results: dict[str, float], settings: dict | None = None) -> str:
@@ -286,12 +279,7 @@ def report(results: dict[str, float], settings: dict | None = None) -> str:
                      f'images; reference: {settings["reference"]}): {settings["samples"]} samples '
                      f'({settings["per_class"]} per class), cfg {settings["cfg"]:g}, top_k {settings["top_k"]}, '
                      f'top_p {settings["top_p"]:g}, seed {settings["seed"]}; chance accuracy is {100 / k:.1f} %')
-    for key, label, kind in ROWS:
-        if key is None:
-            lines.append(label)
-        elif key in results:
-            v = results[key]
-            lines.append(f'  {label:<40} ' + (f'{100 * v:6.1f} %' if kind == '%' else f'{v:8.3g}'))
+    lines += builtin_score.format_rows(results, ROWS)
     acc = results.get('eval/classifier_test_acc')
     if acc is not None and acc < 0.8:
         lines.append(f'note: the judge is right on only {100 * acc:.0f} % of held-out real images; sample '
