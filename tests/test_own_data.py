@@ -14,6 +14,7 @@ from conftest import REPO, fixture_dir, override
 from ml_collections import ConfigDict
 from PIL import Image, ImageDraw
 
+from var_jax import evaluate
 from var_jax.data.pipeline import FolderSource, make_source
 from var_jax.data.split import held_out_mask
 from var_jax.eval import builtin_score, folder_score
@@ -159,7 +160,7 @@ def test_builtin_judge_refuses_a_folder_run(tmp_path):
     (tmp_path / 'config.json').write_text(json.dumps({'data': {'source': 'imagefolder', 'path': str(tmp_path)}}))
     with pytest.raises(ValueError, match='only judges models trained on the built-in'):
         builtin_score.check_workdir(tmp_path)
-    assert folder_score.is_folder_run(tmp_path)
+    assert evaluate._is_folder_run(tmp_path) and not evaluate._is_folder_run(tmp_path / 'nope')
     assert folder_score.check_workdir(tmp_path)['data']['source'] == 'imagefolder'
 
 
@@ -248,3 +249,14 @@ def test_finetune_official_fixture_on_new_classes(tmp_path):
     assert emb.shape == (5, old.shape[1])
     np.testing.assert_array_equal(np.asarray(tuned.blocks.attn.mat_qkv[...]), np.asarray(var.blocks.attn.mat_qkv[...]))
     assert not np.array_equal(np.asarray(tuned.head.kernel[...]), np.asarray(var.head.kernel[...]))
+
+
+def test_evaluate_cli_picks_the_folder_score(tmp_path, capsys):
+    (tmp_path / 'model.json').write_text(json.dumps({'var': {'num_classes': 2}, 'vqvae': {'ch': 16}}))
+    (tmp_path / 'config.json').write_text(json.dumps({'data': {'source': 'imagefolder',
+                                                               'path': str(tmp_path / 'gone')}}))
+    assert evaluate.main(['--workdir', str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('error: ') and 'image folder' in err[0] and 'is gone' in err[0]
+    assert evaluate.main(['--workdir', str(tmp_path), '--samples', 'x.npz']) == 2
+    assert 'not both' in capsys.readouterr().err

@@ -29,6 +29,7 @@ paths first and the tokenizer's config and the data source before any weights ar
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import zipfile
@@ -203,9 +204,12 @@ def select_mode(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]
 
 
 def _is_folder_run(workdir) -> bool:
-    from var_jax.eval import folder_score  # noqa: PLC0415  (reads config.json only)
-
-    return folder_score.is_folder_run(workdir)
+    """Does `workdir/config.json` say the run trained on an image folder? (JSON only: no JAX yet)"""
+    try:
+        with open(os.path.join(workdir, 'config.json')) as fh:
+            return (json.load(fh).get('data') or {}).get('source') == 'imagefolder'
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def main(argv=None) -> int:

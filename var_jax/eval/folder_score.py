@@ -50,15 +50,6 @@ LOAD_BATCH = 64
 
 
 # ---------------------------------------------------------------------------- inputs (JSON only)
-def is_folder_run(workdir) -> bool:
-    """Does `workdir/config.json` say the run trained on an image folder?"""
-    p = epath.Path(workdir) / 'config.json'
-    try:
-        return (json.loads(p.read_text()).get('data') or {}).get('source') == 'imagefolder'
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def check_workdir(workdir) -> dict:
     """-> {'data': the run's data config, 'cfg': its sample.cfg}; ValueError naming what is wrong."""
     w = epath.Path(workdir)
@@ -75,8 +66,10 @@ def check_workdir(workdir) -> dict:
     if data.get('source') != 'imagefolder':
         raise ValueError(f'{workdir}: trained on data.source={data.get("source")!r}; the folder score judges '
                          "runs on an image folder (data.source='imagefolder')")
-    if not os.path.isdir(data.get('path') or ''):
-        raise ValueError(f'{workdir}: its image folder {data.get("path")!r} is gone; the judge trains on it')
+    if not data.get('path'):
+        raise ValueError(f'{workdir}: its config.json names no image folder (data.path)')
+    if not os.path.isdir(data['path']):
+        raise ValueError(f'{workdir}: its image folder {data["path"]} is gone; the judge trains on it')
     cfg = (config.get('sample') or {}).get('cfg')
     return {'data': data, 'cfg': float(cfg) if cfg is not None else builtin_score.DEFAULT_CFG}
 
