@@ -317,15 +317,15 @@ def run(config, workdir, *, dry_run: bool = False, device_memory_gib: float = 0.
     One run at a time per workdir (loop.workdir_lock, held over both phases).
     """
     configs.check(config, 'var')
-    config = own_data.resolve(config)  # the tokenizer phase reads config.data; other data is an error
     configs.check_workdir(workdir)
     train_tok = not config.tokenizer.checkpoint and config.tokenizer.get('train') and not dry_run
-    if train_tok:
-        configs.check(config.tokenizer.train, 'tokenizer')
     if not dry_run:  # a wrong data path fails now, not after the tokenizer was trained
         make_source(config.data, 'train')
-        if train_tok:
+        if train_tok and config.tokenizer.train.get('data') is not None:
             make_source(config.tokenizer.train.data, 'train')
+    config = own_data.resolve(config)  # the tokenizer phase reads config.data; other data is an error
+    if train_tok:
+        configs.check(config.tokenizer.train, 'tokenizer')
     with configs.fresh_workdir_guard(workdir):
         distributed.maybe_initialize()  # before the tokenizer is loaded: that touches the backend
         workdir = checkpoint.abspath(workdir)
