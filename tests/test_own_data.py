@@ -85,6 +85,11 @@ def test_folder_presets_build_matching_models(res):
     assert 'data' not in c.tokenizer.train  # given once: the tokenizer phase reads config.data
     with pytest.raises(ValueError, match='unknown config argument'):
         folder_config('resolution=64')
+    big = folder_config(f'res={res},size=gpu', **{'data.path': 'DIR'})
+    assert configs.vqvae_model_config(big.tokenizer.train.model).image_size == res
+    configs.check(big, 'var')
+    with pytest.raises(ValueError, match='size must be'):
+        folder_config('size=huge')
 
 
 # ---------------------------------------------------------------------------- the held-out split
