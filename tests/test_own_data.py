@@ -265,3 +265,10 @@ def test_evaluate_cli_picks_the_folder_score(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith('error: ') and 'image folder' in err[0] and 'is gone' in err[0]
     assert evaluate.main(['--workdir', str(tmp_path), '--samples', 'x.npz']) == 2
     assert 'not both' in capsys.readouterr().err
+
+
+def test_kid_is_zero_for_one_distribution_and_grows_with_a_shift():
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((400, 16)), rng.standard_normal((400, 16))
+    same, shifted = folder_score.kid(a, b, subsets=5, size=200), folder_score.kid(a, b + 0.5, subsets=5, size=200)
+    assert abs(same) < 0.05 < shifted
