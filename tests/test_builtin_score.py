@@ -192,8 +192,9 @@ CLI_CASES = {
     'not a workdir': (lambda d: [str(d)], 'no model.json'),
     'tokenizer only': (lambda d: [str(_json_workdir(d, 'tok', var=False, config={'data': {'source': 'builtin'}}))],
                        'holds a tokenizer only'),
-    'other data': (lambda d: [str(_json_workdir(d, 'folder', config={'data': {'source': 'imagefolder'}}))],
-                   "trained on data.source='imagefolder'"),
+    # (a run on an image folder gets the folder score instead: tests/test_own_data.py)
+    'other data': (lambda d: [str(_json_workdir(d, 'tfds', config={'data': {'source': 'tfds'}}))],
+                   "trained on data.source='tfds'"),
     'bad per_class': (lambda d: [str(d), '--per_class', '0'], 'per_class must be an integer in [1, 1000]'),
     'negative cfg': (lambda d: [str(d), '--cfg', '-1'], 'cfg must be >= 0'),
     'infinite cfg': (lambda d: [str(d), '--cfg', 'inf'], 'cfg must be >= 0'),

@@ -2,11 +2,12 @@
 
     python -m var_jax.evaluate adm --samples S.npz --ref REF.npz --inception W.pth [--batch_size 128]
     python -m var_jax.evaluate builtin --workdir runs/tiny [--per_class 100] [--cfg 5.0] [--seed 0]
+    python -m var_jax.evaluate folder --workdir runs/mine [--per_class 50] [--inception W.pth]
     python -m var_jax.evaluate tokenizer --tokenizer T --data D [--inception W.pth] [--out metrics.json]
 
 Each subcommand has its own --help. The subcommand may also be left out: the flags alone then
 pick the evaluation (--samples/--ref/--inception: adm; --workdir: builtin; --tokenizer and
---data: tokenizer), as in the examples below.
+--data: tokenizer; --workdir of a run on an image folder: folder), as in the examples below.
 
 ADM suite (the protocol of VAR's reported numbers; see docs/evaluation.md):
 
@@ -47,6 +48,7 @@ PROG = 'python -m var_jax.evaluate'
 TITLES = {
     'adm': 'ADM suite (openai/guided-diffusion evaluations/evaluator.py)',
     'builtin': 'built-in score (a VAR trained on the built-in shapes10 data)',
+    'folder': 'folder score (a VAR trained on an image folder, judged by a classifier trained on that folder)',
     'tokenizer': 'tokenizer metrics (reconstruction PSNR, LPIPS, rFID, per-scale codebook usage)',
 }
 MODES = tuple(TITLES)
@@ -73,10 +75,13 @@ def _inception_flag(g, required: bool = False) -> None:
                         '(also the rFID of the tokenizer metrics)')
 
 
-def _builtin_flags(g, required: bool = False) -> None:
+def _score_flags(g, required: bool = False) -> None:
+    """The built-in and the folder score: both sample a workdir's VAR and judge the samples."""
     g.add_argument('--workdir', required=required,
-                   help='training workdir (or model checkpoint) of a VAR trained on shapes10')
-    g.add_argument('--per_class', type=int, default=100, help='samples per class, drawn with and without guidance')
+                   help='training workdir (or model checkpoint) of a VAR trained on shapes10 or on an image folder '
+                        '(configs/folder.py)')
+    g.add_argument('--per_class', type=int, default=None, help='samples per class, drawn with and without guidance '
+                                                               "(default: 100; a folder run: its score_per_class)")
     g.add_argument('--cfg', type=float, default=None,
                    help="guidance scale of the guided samples (default: the workdir's sample.cfg, else 5.0)")
     g.add_argument('--top_k', type=int, default=0, help='top-k filter when sampling (0 = off)')
@@ -112,7 +117,10 @@ def build_parser(mode: str | None = None) -> cli.Parser:
             _adm_flags(p, required=True)
             _batch_size_flag(p)
         elif mode == 'builtin':
-            _builtin_flags(p, required=True)
+            _score_flags(p, required=True)
+        elif mode == 'folder':
+            _score_flags(p, required=True)
+            _inception_flag(p)
         else:
             _tokenizer_flags(p, required=True)
             _inception_flag(p)
@@ -123,7 +131,7 @@ def build_parser(mode: str | None = None) -> cli.Parser:
                    epilog=__doc__.split('\n\n', 1)[1])
     _adm_flags(p.add_argument_group(TITLES['adm']))
     _batch_size_flag(p)
-    _builtin_flags(p.add_argument_group(TITLES['builtin']))
+    _score_flags(p.add_argument_group(f"{TITLES['builtin']}, or {TITLES['folder']}"))
     _tokenizer_flags(p.add_argument_group(TITLES['tokenizer']))
     return p
 
@@ -144,6 +152,11 @@ def select_mode(args: argparse.Namespace) -> str:
     if stray:
         raise ValueError(f'{", ".join(stray)} only apply to the tokenizer metrics (--tokenizer)')
     adm_flags = {'--samples': args.samples, '--ref': args.ref, '--inception': args.inception}
+    if args.workdir is not None and modes.is_folder_run(args.workdir):
+        if args.samples is not None or args.ref is not None:
+            raise ValueError('pass either --workdir (folder score, optionally with --inception for FID/KID) or '
+                             '--samples, --ref and --inception (ADM suite), not both')
+        return 'folder'
     if args.workdir is not None:
         if any(v is not None for v in adm_flags.values()):
             raise ValueError('pass either --workdir (built-in score) or --samples, --ref and --inception '
@@ -162,8 +175,11 @@ def run(mode: str, args: argparse.Namespace) -> int:
     if mode == 'adm':
         return modes.run_adm(args.samples, args.ref, args.inception, batch_size=args.batch_size)
     if mode == 'builtin':
-        return modes.run_builtin(args.workdir, per_class=args.per_class, cfg=args.cfg, top_k=args.top_k,
-                                 top_p=args.top_p, seed=args.seed)
+        return modes.run_builtin(args.workdir, per_class=100 if args.per_class is None else args.per_class,
+                                 cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if mode == 'folder':
+        return modes.run_folder(args.workdir, per_class=args.per_class, cfg=args.cfg, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed, inception=args.inception)
     return modes.run_tokenizer(args.tokenizer, args.data, inception=args.inception, batch_size=args.batch_size,
                                max_images=args.max_images, image_size=args.image_size, workers=args.workers,
                                data_dir=args.data_dir, lpips=args.lpips, out=args.out)

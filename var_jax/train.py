@@ -25,12 +25,13 @@ from flax import nnx
 
 from var_jax.data import tokens
 from var_jax.data.pipeline import make_source
+from var_jax.eval import folder_score
 from var_jax.io import checkpoint
 from var_jax.models import VAR, VARConfig, abstract, vqvae_config
 from var_jax.models.var import scale_bounds
 from var_jax.parallel import distributed, sharding
 from var_jax.sampling import generate
-from var_jax.training import configs, loop, optim
+from var_jax.training import configs, finetune, loop, optim, own_data
 from var_jax.utils import cli, metrics, viz
 
 TOKENIZER_DIR = 'tokenizer'
@@ -125,9 +126,10 @@ class VARTask(loop.Task):
         peak = o.lr or o.tblr * self.config.batch_size / 256
         self.peak_lr = peak
         abs_params = {'var': nnx.state(abstract(self.var_cfg), nnx.Param)}
-        return optim.make_optimizer(peak_lr=peak, max_it=total_steps, wp_it=o.wp_epochs * steps_per_epoch,
-                                    wd=o.wd, wd_end=o.wd_end, b1=o.b1, b2=o.b2, clip=o.clip, wp0=o.wp0, wpe=o.wpe,
-                                    sched=o.sched, mask=optim.decay_mask(abs_params))
+        tx = optim.make_optimizer(peak_lr=peak, max_it=total_steps, wp_it=o.wp_epochs * steps_per_epoch,
+                                  wd=o.wd, wd_end=o.wd_end, b1=o.b1, b2=o.b2, clip=o.clip, wp0=o.wp0, wpe=o.wpe,
+                                  sched=o.sched, mask=optim.decay_mask(abs_params))
+        return finetune.with_frozen(tx, abs_params, self.config.get('finetune'))
 
     def init_params(self, key):
         return {'var': nnx.state(VAR(self.var_cfg, rngs=nnx.Rngs(key)), nnx.Param)}, {}
@@ -139,15 +141,7 @@ class VARTask(loop.Task):
     def pretrained(self):
         if not self.config.init_from:
             return {}
-        _, var = checkpoint.load_model(self.config.init_from, need_var=True)
-        want = self.var_cfg
-        if var.config.replace(dtype=want.dtype, remat=want.remat, attention=want.attention,
-                              scan_layers=want.scan_layers, cond_drop_rate=want.cond_drop_rate,
-                              drop_path_rate=want.drop_path_rate, init_adaln=want.init_adaln,
-                              init_adaln_gamma=want.init_adaln_gamma) != want:
-            raise ValueError(f'config.init_from {self.config.init_from} holds a different VAR ({var.config}); '
-                             'set config.model to match it')
-        return {'var': nnx.state(var, nnx.Param)}
+        return {'var': finetune.pretrained_var(self.config.init_from, self.var_cfg, self.config.get('finetune'))}
 
     def frozen(self, mesh):
         rep = sharding.replicated(mesh)
@@ -325,12 +319,13 @@ def run(config, workdir, *, dry_run: bool = False, device_memory_gib: float = 0.
     configs.check(config, 'var')
     configs.check_workdir(workdir)
     train_tok = not config.tokenizer.checkpoint and config.tokenizer.get('train') and not dry_run
-    if train_tok:
-        configs.check(config.tokenizer.train, 'tokenizer')
     if not dry_run:  # a wrong data path fails now, not after the tokenizer was trained
         make_source(config.data, 'train')
-        if train_tok:
+        if train_tok and config.tokenizer.train.get('data') is not None:
             make_source(config.tokenizer.train.data, 'train')
+    config = own_data.resolve(config)  # the tokenizer phase reads config.data; other data is an error
+    if train_tok:
+        configs.check(config.tokenizer.train, 'tokenizer')
     with configs.fresh_workdir_guard(workdir):
         distributed.maybe_initialize()  # before the tokenizer is loaded: that touches the backend
         workdir = checkpoint.abspath(workdir)
@@ -352,12 +347,16 @@ def _run(config, workdir, *, train_tok: bool) -> dict:
     if train_tok:
         from var_jax import train_tokenizer  # noqa: PLC0415
 
+        own_data.announce('tokenizer', config.tokenizer.train.data)
         train_tokenizer.run(config.tokenizer.train, workdir / TOKENIZER_DIR)
+    own_data.announce('var', config.data)
     task = VARTask(config, workdir)
     out = loop.run(task, config, workdir)
     if config.get('evaluate'):
         if jax.process_count() > 1:  # the score samples on one host's devices
             print('[eval] skipped in a multi-process run: python -m var_jax.evaluate --workdir ' + str(workdir))
+        elif config.data.source == 'imagefolder':  # the judge trained on this folder (eval/folder_score.py)
+            out.update(folder_score.for_run(config, workdir, complete=task.already_complete))
         else:
             from var_jax.eval import builtin_score  # noqa: PLC0415
 

@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from var_jax.data import builtin, images, tokens
+from var_jax.data.split import split_folder
 
 IMAGE_EXTS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff')
 MAX_SKIP = 16  # how far a corrupt image looks for a readable replacement
@@ -122,6 +123,8 @@ def make_source(data_cfg, split: str):
     if kind == 'builtin':
         return BuiltinSource('train' if split == 'train' else 'test', data_cfg.image_size)
     if kind == 'imagefolder':
+        if data_cfg.get('holdout', 0) and not data_cfg.get('eval_path'):  # var_jax/data/split.py
+            return split_folder(FolderSource(data_cfg.path), data_cfg.path, data_cfg.holdout, split)
         root = data_cfg.path if split == 'train' else (data_cfg.get('eval_path') or data_cfg.path)
         return FolderSource(root)
     if kind == 'tfds':

@@ -266,11 +266,17 @@ def format_results(results: dict[str, float], settings: dict | None = None) -> s
         lines.append(f'shapes10 score: {settings["samples"]} samples ({settings["per_class"]} per class), '
                      f'cfg {settings["cfg"]:g}, top_k {settings["top_k"]}, top_p {settings["top_p"]:g}, '
                      f'seed {settings["seed"]}; chance accuracy is 10 %')
-    for key, label, kind in ROWS:
+    lines += format_rows(results)
+    return '\n'.join(lines)
+
+
+def format_rows(results: dict[str, float], rows=ROWS) -> list[str]:
+    """One line per row (key, label, '%' or 'f') whose key is in `results`; key None: a heading."""
+    lines = []
+    for key, label, kind in rows:
         if key is None:
             lines.append(label)
         elif key in results:
             v = results[key]
             lines.append(f'  {label:<40} ' + (f'{100 * v:6.1f} %' if kind == '%' else f'{v:8.3g}'))
-    return '\n'.join(lines)
-
+    return lines

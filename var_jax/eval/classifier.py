@@ -1,6 +1,7 @@
 """The built-in judge: a small CNN trained on real shapes10 images, independent of the generator.
 
-It scores models trained on the built-in data (see builtin_score.py, docs/builtin_eval.md):
+It scores models trained on the built-in data (see builtin_score.py, docs/builtin_eval.md); `fit`
+trains the same network on any labelled images (the judge of an image-folder run, folder_score.py):
 `predict` gives the class a sample looks like, `features` (the 128-d penultimate layer) is the
 space the Fréchet distances are computed in. It never sees a generated image in training.
 
@@ -89,11 +90,12 @@ def to_input(images) -> jax.Array:
     return x
 
 
-def new_model(seed: int = 0, config: dict = CONFIG) -> ShapesCNN:
+def new_model(seed: int = 0, config: dict = CONFIG, num_classes: int = builtin.NUM_CLASSES) -> ShapesCNN:
     """Fresh parameters, initialised in one jitted program at -O0: run eagerly, XLA:CPU compiles
     every random-number op on its own, which took seconds (see var_jax.models.create)."""
     def make():
-        return ShapesCNN(config['channels'], config['width'], std_eps=config['std_eps'], rngs=nnx.Rngs(seed))
+        return ShapesCNN(config['channels'], config['width'], num_classes, std_eps=config['std_eps'],
+                         rngs=nnx.Rngs(seed))
 
     graphdef, _ = nnx.split(nnx.eval_shape(make))
     options = {'xla_backend_optimization_level': 0} if jax.default_backend() == 'cpu' else None
@@ -112,12 +114,12 @@ class Judge:
     """A trained classifier with batched numpy entry points."""
 
     model: ShapesCNN
-    test_acc: float  # on the 1,000 held-out shapes10 test images
+    test_acc: float  # on the held-out real images (shapes10: its 1,000 test images)
     train_seconds: float  # how long training took when these parameters were made
     cached: bool  # loaded from the cache rather than trained in this process
 
     def outputs(self, images) -> tuple[np.ndarray, np.ndarray]:
-        """Images (N, H, W, 3), uint8 or float in [0, 1] -> (features (N, D), logits (N, 10))."""
+        """Images (N, H, W, 3), uint8 or float in [0, 1] -> (features (N, D), logits (N, classes))."""
         images = np.asarray(images)
         if images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
             raise ValueError(f'expected a non-empty batch of RGB images (N, H, W, 3), got {images.shape}')
@@ -147,10 +149,29 @@ def accuracy(judge: Judge, split: str = 'test') -> float:
 # ---------------------------------------------------------------------------- training
 def train(seed: int = 0, config: dict = CONFIG, *, verbose: bool = True) -> Judge:
     """Train on shapes10/train from scratch; deterministic given `seed` (and the XLA build)."""
+    images, labels = builtin.load('train')
+    judge = fit(images, labels, builtin.NUM_CLASSES, seed, config, verbose=verbose)
+    judge.test_acc = accuracy(judge)
+    return judge
+
+
+def _shift(x, key, pad: int = 2):
+    """Random translation by up to `pad` pixels (edge padding): class-preserving for any labelled
+    images, unlike flips (digits, letters, faces)."""
+    b, h, w, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode='edge')
+    off = jax.random.randint(key, (b, 2), 0, 2 * pad + 1)
+    return jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, im.shape[-1])))(xp, off)
+
+
+def fit(images: np.ndarray, labels: np.ndarray, num_classes: int, seed: int = 0, config: dict = CONFIG, *,
+        augment: str = 'flips', verbose: bool = True) -> Judge:
+    """Train a judge on uint8 `images` (N, 32, 32, 3) with `labels`; `augment` 'flips' (random
+    horizontal / vertical flips: shapes10) or 'shift' (random translation by up to 2 px: any
+    labelled folder, var_jax/eval/folder_score.py). `test_acc` is left at 0 for the caller."""
     t0 = time.time()
     c = config
-    images, labels = builtin.load('train')
-    graphdef, params = nnx.split(new_model(seed, c))
+    graphdef, params = nnx.split(new_model(seed, c, num_classes))
     steps_per_epoch = len(labels) // c['batch_size']
     total = steps_per_epoch * c['epochs']
     sched = optax.warmup_cosine_decay_schedule(0.0, c['lr'], int(c['warmup_epochs'] * steps_per_epoch), total)
@@ -160,9 +181,12 @@ def train(seed: int = 0, config: dict = CONFIG, *, verbose: bool = True) -> Judg
     @jax.jit
     def step(params, opt_state, x, y, key):
         x = x.astype(jnp.float32) / 255
-        flip = jax.random.bernoulli(key, 0.5, (2, x.shape[0], 1, 1, 1))
-        x = jnp.where(flip[0], x[:, :, ::-1], x)
-        x = jnp.where(flip[1], x[:, ::-1], x)
+        if augment == 'flips':
+            flip = jax.random.bernoulli(key, 0.5, (2, x.shape[0], 1, 1, 1))
+            x = jnp.where(flip[0], x[:, :, ::-1], x)
+            x = jnp.where(flip[1], x[:, ::-1], x)
+        else:
+            x = _shift(x, key)
 
         def loss_fn(p):
             logits = nnx.merge(graphdef, p)(x)
@@ -179,13 +203,11 @@ def train(seed: int = 0, config: dict = CONFIG, *, verbose: bool = True) -> Judg
             idx = perm[i * c['batch_size']:(i + 1) * c['batch_size']]
             params, opt_state, loss = step(params, opt_state, images[idx], labels[idx],
                                            jax.random.fold_in(key, epoch * steps_per_epoch + i))
-        if verbose:
+        if verbose and ((epoch + 1) % max(1, c['epochs'] // 10) == 0 or epoch + 1 == c['epochs']):
             print(f'[judge] epoch {epoch + 1}/{c["epochs"]} loss {float(loss):.3f} ({time.time() - t0:.0f} s)',
                   file=sys.stderr, flush=True)
     jax.block_until_ready(params)
-    judge = Judge(nnx.merge(graphdef, params), 0.0, time.time() - t0, cached=False)
-    judge.test_acc = accuracy(judge)
-    return judge
+    return Judge(nnx.merge(graphdef, params), 0.0, time.time() - t0, cached=False)
 
 
 # ---------------------------------------------------------------------------- cache
@@ -225,10 +247,10 @@ def save(judge: Judge, path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def load(path, seed: int = 0, config: dict = CONFIG) -> Judge:
+def load(path, seed: int = 0, config: dict = CONFIG, num_classes: int = builtin.NUM_CLASSES) -> Judge:
     """Parameters from `path` into a fresh network; raises on anything missing or misshapen."""
-    model = nnx.eval_shape(lambda: ShapesCNN(config['channels'], config['width'], std_eps=config['std_eps'],
-                                              rngs=nnx.Rngs(seed)))  # shapes only: the values come from the file
+    model = nnx.eval_shape(lambda: ShapesCNN(config['channels'], config['width'], num_classes,
+                                              std_eps=config['std_eps'], rngs=nnx.Rngs(seed)))  # shapes only
     graphdef, params = nnx.split(model, nnx.Param)
     with np.load(path, allow_pickle=False) as z:
         meta = json.loads(str(z['meta']))

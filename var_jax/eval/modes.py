@@ -1,7 +1,8 @@
-"""The three evaluations of `python -m var_jax.evaluate`, each checked cheaply before JAX starts.
+"""The evaluations of `python -m var_jax.evaluate`, each checked cheaply before JAX starts.
 
     run_adm        ADM suite over a sample batch .npz (adm.py): IS, FID, sFID, precision, recall
     run_builtin    the built-in score of a VAR trained on shapes10 (builtin_score.py)
+    run_folder     the folder score of a VAR trained on an image folder (folder_score.py)
     run_tokenizer  reconstruction metrics of a VQVAE over a dataset (tokenizer_metrics.py)
 
 Each first checks its inputs with numpy, JSON or the file system, so a typo is one `error:` line
@@ -10,6 +11,7 @@ progress to stderr; each returns the exit code.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -36,6 +38,23 @@ def run_builtin(workdir: str, *, per_class: int = 100, cfg: float | None = None,
                                             seed=seed)
     print(builtin_score.format_results(results, settings), flush=True)
     print(f'written to {workdir.rstrip("/")}/{builtin_score.EVAL_FILE} ({settings["seconds"]:.0f} s)', flush=True)
+    return 0
+
+
+def is_folder_run(workdir: str) -> bool:
+    """Does `workdir/config.json` say the run trained on an image folder? (JSON only: no JAX yet)"""
+    try:
+        with open(os.path.join(workdir, 'config.json')) as fh:
+            return (json.load(fh).get('data') or {}).get('source') == 'imagefolder'
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def run_folder(workdir: str, *, per_class: int | None = None, cfg: float | None = None, top_k: int = 0,
+               top_p: float = 0.0, seed: int = 0, inception: str | None = None) -> int:
+    from var_jax.eval import folder_score  # noqa: PLC0415  (imports JAX: only once the command line is good)
+
+    folder_score.run(workdir, per_class=per_class, cfg=cfg, top_k=top_k, top_p=top_p, seed=seed, inception=inception)
     return 0
 
 

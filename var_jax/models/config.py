@@ -15,6 +15,40 @@ import jax.numpy as jnp
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # L = 680
 PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)  # L = 2240
 PATCH_NUMS = {256: PATCH_NUMS_256, 512: PATCH_NUMS_512}
+PATCH_NUMS_8 = (1, 2, 3, 4, 6, 8)  # L = 130: the built-in default's 8x8 latent (configs/tiny.py)
+# image size -> the tokenizer's downsampling factor for own-data runs (configs/folder.py): small images keep
+# an 8x8 latent (a VAR of 130 tokens trains on a CPU), 128 px a 16x16 one, 256 / 512 px the official 16x
+DOWNSAMPLE_FOR = {32: 4, 64: 8, 128: 8, 256: 16, 512: 16}
+
+
+def downsample_for(image_size: int) -> int:
+    """The tokenizer's downsampling for `image_size`: the preset above, else 16 from 256 px up, 8 from
+    64 px up and 4 below (the latent side image_size / downsample must be a whole number)."""
+    if image_size in DOWNSAMPLE_FOR:
+        return DOWNSAMPLE_FOR[image_size]
+    return 16 if image_size >= 256 else 8 if image_size >= 64 else 4
+
+
+def patch_nums_for(image_size: int) -> tuple[int, ...]:
+    """The scale list (token-map sides, coarse to fine) for `image_size` px images.
+
+    Presets: 32 and 64 px -> (1, 2, 3, 4, 6, 8) (8x8 latent); 128 and 256 px -> PATCH_NUMS_256
+    (16x16 latent, the official list); 512 px -> PATCH_NUMS_512. Other sizes: latent side
+    n = image_size / downsample_for(image_size), and the official 16-side list scaled by n / 16,
+    rounded, repeats dropped, from 1 up to n (e.g. 96 px -> n = 12 -> (1, 2, 3, 4, 6, 8, 10, 12)).
+    This is what FoundationVision/VAR users ask for as "the scales for another resolution": the
+    first scales stay 1, 2, 3, 4 (the class-level layout), the last is the full latent.
+    """
+    ds = downsample_for(image_size)
+    if image_size < 8 or image_size % ds:
+        raise ValueError(f'image size {image_size} px: need a multiple of {ds} (the tokenizer downsamples '
+                         f'{ds}x), e.g. 32, 64, 128 or 256')
+    n = image_size // ds
+    presets = {8: PATCH_NUMS_8, 16: PATCH_NUMS_256, 32: PATCH_NUMS_512}
+    if n in presets:
+        return presets[n]
+    scaled = [max(1, round(p * n / 16)) for p in PATCH_NUMS_256[:-1]] + [n]
+    return tuple(sorted({1, *scaled}))
 
 ATTENTION = ('xla', 'jax', 'blockwise', 'cudnn', 'splash')  # models.var.attend
 

@@ -167,7 +167,8 @@ def var_recipe(*, depth: int, batch_size: int, epochs: float, tblr: float, alng:
                             init_adaln_gamma=alng)
     # the frozen tokenizer: a converted official checkpoint, a tokenizer workdir, or '' to train one
     # first with `tokenizer_train` (only sensible for small data such as the built-in set)
-    c.tokenizer = ConfigDict(dict(checkpoint='', train=ConfigDict()))
+    # allow_other_data: let tokenizer.train.data name other images than config.data (training/own_data.py)
+    c.tokenizer = ConfigDict(dict(checkpoint='', train=ConfigDict(), allow_other_data=False))
     c.init_from = ''  # converted official VAR checkpoint to fine-tune from
     c.data = data_config(image_size=image_size)
     # ema: decay of an EMA copy of the VAR weights; 0 (off) is the official recipe. When on, sample
