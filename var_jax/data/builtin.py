@@ -41,8 +41,9 @@ def _background(rng, n):
         a = rng.uniform(0, 2 * np.pi)
         field = (np.cos(a) * xx + np.sin(a) * yy - 0.5) * rng.uniform(0.3, 0.8)
     else:  # smooth noise: a few random low-frequency waves
-        field = sum(rng.uniform(0.05, 0.15) * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * (np.cos(t) * xx + np.sin(t) * yy))
-                                                    + rng.uniform(0, 2 * np.pi))
+        field = sum(rng.uniform(0.05, 0.15)
+                    * np.sin(2 * np.pi * (rng.uniform(0.5, 2) * (np.cos(t) * xx + np.sin(t) * yy))
+                             + rng.uniform(0, 2 * np.pi))
                     for t in rng.uniform(0, np.pi, 3))
     tint = rng.uniform(-0.2, 0.2, 3)
     img = base[None, None] + field[..., None] * (1 + tint)[None, None]
@@ -89,7 +90,8 @@ def _mask(cls: int, rng, n: int) -> np.ndarray:
         return inside(np.minimum(np.maximum(abs(u) - w, abs(v) - 1), np.maximum(abs(v) - w, abs(u) - 1)))
     if cls in (5, 6):  # stripes inside a rounded box; rotation limited to keep h vs v distinct
         a2 = rng.uniform(-0.3, 0.3)
-        s = (yy - cy) * np.cos(a2) - (xx - cx) * np.sin(a2) if cls == 5 else (xx - cx) * np.cos(a2) + (yy - cy) * np.sin(a2)
+        s = ((yy - cy) * np.cos(a2) - (xx - cx) * np.sin(a2) if cls == 5
+             else (xx - cx) * np.cos(a2) + (yy - cy) * np.sin(a2))
         period = rng.uniform(0.14, 0.22)
         stripes = np.clip(0.5 + np.cos(2 * np.pi * s / period) * n * period / 4, 0, 1)
         box = inside(np.maximum(abs(xx - cx), abs(yy - cy)) / size - 1.1)

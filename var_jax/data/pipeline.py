@@ -102,7 +102,7 @@ class TFDSSource:
             self.ds = tfds.data_source(name, split=split, data_dir=data_dir or None, download=False,
                                        decoders={'image': tfds.decode.SkipDecoding()})
             info = tfds.builder(name, data_dir=data_dir or None).info
-        except Exception as e:  # tfds raises many types for "not prepared"
+        except Exception as e:  # noqa: BLE001  (tfds raises many types for "not prepared")
             raise ValueError(f'TFDS dataset {name!r} split {split!r} is not available under '
                              f'{data_dir or "~/tensorflow_datasets"} ({type(e).__name__}); prepare it first '
                              '(see README, "ImageNet")') from None
