@@ -335,7 +335,7 @@ def workdir_lock(workdir):
     `kill -9` and a crash included, so a dead run never leaves a stale lock; the file's content
     (pid, host, start time) only names the holder in the error, and the file itself stays. Process
     0 locks for a multi-process run and tells the others, so every rank stops the same way.
-    Re-entrant within a process (`train` holds it around the tokenizer and VAR phases). Local
+    Re-entrant within a process (`var_task.run` holds it over the tokenizer and VAR phases). Local
     file systems only: a gs:// workdir is not locked (docs/reliability.md).
     """
     import fcntl  # noqa: PLC0415  (POSIX only)
@@ -406,12 +406,7 @@ def device_memory(given_gib: float = 0.0) -> tuple[int | None, str]:
 def _variant(config, **dotted):
     """A copy of `config` with these `a.b.c=value` settings."""
     c = copy.deepcopy(config)
-    for key, value in dotted.items():
-        node = c
-        *parents, leaf = key.split('.')
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+    c.update_from_flattened_dict(dotted)
     return c
 
 

@@ -1,18 +1,19 @@
-"""The tokenizer task: what `python -m var_jax.train_tokenizer` trains (the multi-scale VQVAE),
-built for the shared loop (`training/loop.py`); also the first phase of a VAR run that sets
-`config.tokenizer.train` (`var_task.run`).
+"""The tokenizer task for the shared loop (`training/loop.py`): the multi-scale VQVAE that
+`python -m var_jax.train_tokenizer` trains (`run`), also the first phase of a VAR run that sets
+`config.tokenizer.train` (`train`, called by `var_task.run`).
 
-Loss (VQGAN recipe on VAR's quantizer):
-    l1 |x - x'| + l2 (x - x')^2 + lpips LPIPS(x, x')           reconstruction
-  + vq * mean_k [ beta ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2 ]   (official training forward)
-  + [step >= gan_start] * w_adapt * gan * -D(x')               hinge generator loss
-with w_adapt = ||dL_rec/dW|| / (||dL_G/dW|| + 1e-4) at the decoder's last conv (VQGAN), and the
-PatchGAN trained with the hinge loss on (x, sg(x')).
+The VQGAN recipe on VAR's quantizer, `train_step` (x an image, x' its reconstruction, f the
+encoder output, f_hat_k the quantizer's cumulative output after scale k, W the decoder's last conv):
+    L_rec = l1 mean|x - x'| + l2 mean (x - x')^2 + lpips LPIPS(x, x')
+    L_vq  = mean_k [beta ||sg(f_hat_k) - f||^2 + ||f_hat_k - sg(f)||^2]        (official training forward)
+    L     = L_rec + vq L_vq + [step >= gan_start] gan w_adapt (-mean D(x'))      (hinge generator loss)
+    w_adapt = ||dL_rec/dW|| / (||d(-D(x'))/dW|| + 1e-4)                          (VQGAN, `adaptive_weight`)
+    L_D   = (mean relu(1 - D(x)) + mean relu(1 + D(sg(x')))) / 2                (the PatchGAN)
 
-Codebook health: the official EMA of per-scale code hits is kept and logged as usage %; every
-`reseed_every` steps, codes whose hit rate fell below `dead_threshold` x the uniform rate are
-re-seeded from this batch's encoder residuals (random pooled vectors of random scales), so no
-scale collapses onto a few codes.
+Codebook health (`_codebook_health`): the official EMA of per-scale code hits, logged as usage %;
+every `reseed_every` steps the codes hit less than `dead_threshold` x the uniform rate are re-seeded
+from this batch's encoder residuals (random pooled vectors of random scales), so that no scale
+collapses onto a few codes. Evaluation: held-out PSNR / LPIPS and a reconstruction grid.
 """
 from __future__ import annotations
 

@@ -1,18 +1,17 @@
-"""The VAR task: what `python -m var_jax.train` trains, built for the shared loop (`training/loop.py`).
+"""The VAR task for the shared loop (`training/loop.py`): `build` describes it, `run` is the whole
+of `python -m var_jax.train` (the tokenizer phase, VAR, the score, a summary).
 
-The step (official `VARTrainer.train_step`): the frozen tokenizer turns images into per-scale
-tokens (float32) -> teacher-forcing input -> VAR forward (label dropout, drop-path) in the compute
-dtype -> mean cross-entropy over all L tokens -> AdamW. Logged as the official trainer does:
-Lm, Lt (last scale), Accm, Acct, grad norm (pre-clip), lr, per-scale accuracy and loss,
-vocabulary usage, images/s, tokens/s and TFLOP/s.
-
-With `data.source='tokens'` (a directory of `python -m var_jax.pretokenize`) the batches carry the
-tokens instead of images and the step starts at the teacher-forcing input (codebook lookups,
-bicubic up / area down, the Phi convs: official `idxBl_to_var_input`), skipping the encoder.
-
-`run` is the whole command: the tokenizer first when `config.tokenizer.train` asks for one
-(`tokenizer_task`, into `workdir/tokenizer`), then VAR, then the built-in score when
-`config.evaluate` is set, and a summary of what was written.
+One update, `train_step` (official `VARTrainer.train_step`):
+    images --frozen VQVAE encoder + quantizer, float32, no gradient--> per-scale tokens r_1..r_K
+        (`encode_batch`; with data.source='tokens', var_jax/pretokenize.py, the tokens come with
+        the batch and only the codebook lookups, bicubic up / area down and the Phi convs run:
+        official `idxBl_to_var_input`)
+    -> teacher-forcing input x_BLCv_wo_first_l -> VAR (label dropout, drop-path), compute dtype
+    -> loss = mean over the L tokens of the cross-entropy (optionally label-smoothed)
+    -> AdamW with the official lr / wd schedules (`make_optimizer`).
+Logged as the official trainer does: Lm / Lt (all tokens / last scale), Accm / Acct, per-scale
+accuracy and loss, vocabulary usage, the pre-clip grad norm and lr; the loop adds images/s,
+tokens/s and TFLOP/s (`metrics.var_flops_per_image`). Evaluation: a grid of samples per class.
 """
 from __future__ import annotations
 
