@@ -296,7 +296,8 @@ def run(config, workdir, *, dry_run: bool = False, device_memory_gib: float = 0.
 
 
 def train(config, workdir) -> dict:
-    """`run` in a process already set up (`workdir` absolute, the backend initialised): the first
-    phase of `var_task.run`. A config or data error leaves no workdir behind."""
+    """`run` in a process already set up (config and workdir checked, `workdir` absolute, the
+    backend initialised): the first phase of `var_task.run`. A config or data error leaves no
+    workdir behind."""
     with configs.fresh_workdir_guard(workdir):
         return loop.train(config, workdir, builder(config, workdir)).metrics

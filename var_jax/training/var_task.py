@@ -334,6 +334,7 @@ def run(config, workdir, *, dry_run: bool = False, device_memory_gib: float = 0.
     train_tok = not config.tokenizer.checkpoint and config.tokenizer.get('train') and not dry_run
     if train_tok:
         configs.check(config.tokenizer.train, 'tokenizer')
+        configs.check_workdir(epath.Path(workdir) / TOKENIZER_DIR)
     if not dry_run:  # a wrong data path fails now, not after the tokenizer was trained
         make_source(config.data, 'train')
         if train_tok:
