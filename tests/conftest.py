@@ -29,8 +29,9 @@ jax.config.update('jax_num_cpu_devices', 8)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from var_jax.io import checkpoint  # noqa: E402
 from var_jax.io.official import load_official  # noqa: E402
-from var_jax.models import create  # noqa: E402
+from var_jax.models import VQVAEConfig, create  # noqa: E402
 from var_jax.testing import TINY_PNS, TINY_VAR, TINY_VQ  # noqa: E402, F401  (tests import them from here)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -108,3 +109,15 @@ def prepare_tiny_tfds(data_dir: pathlib.Path) -> pathlib.Path:
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return data_dir
+
+
+# The tiny tokenizer the VAR training tests share (16 px, scales 1, 2, 4), saved once per module.
+TOK = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
+                  using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))
+
+
+@pytest.fixture(scope='module')
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp('tok') / 'ckpt'
+    checkpoint.save_model(d, vqvae=create(TOK, seed=3))
+    return d

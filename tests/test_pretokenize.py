@@ -1,7 +1,7 @@
 """Pre-tokenized VAR training (issue 18, item 2): `python -m var_jax.pretokenize` + data.source='tokens'.
 
 The same crops give the same tokens and the same train-step loss as the on-the-fly path; VAR
-trains from tokens through `train.run`; an
+trains from tokens through `var_task.run`; an
 interrupted run resumes without redoing finished shards and leaves no partial file; tokens of
 another tokenizer (or other settings) are refused with one line; built-in, image-folder and TFDS
 sources. Models are the tiny 16 px tokenizer / depth-2 VAR of test_train.py.
@@ -15,15 +15,14 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, override, prepare_tiny_tfds
+from conftest import REPO, TOK, override, prepare_tiny_tfds
 from PIL import Image
-from test_train import TOK, tokenizer_dir  # noqa: E402,F401  (the same tiny tokenizer and its fixture)
 
-from var_jax import bench, train
+from var_jax import bench
 from var_jax.data import pipeline, token_writer, tokens
 from var_jax.io import checkpoint
 from var_jax.models import create
-from var_jax.training import configs, loop
+from var_jax.training import configs, loop, var_task
 
 L = 1 + 4 + 16
 
@@ -67,8 +66,8 @@ def encode(tokenizer_dir, images):
 def one_step(config, batch):
     """Loss and updated parameters of one train step from a fresh state (seed 0)."""
     vq, _ = checkpoint.load_model(config.tokenizer.checkpoint, tokenizer_only=True)
-    task = train.VARTask(config, '/nonexistent', tokenizer=vq)  # given tokenizer: nothing written
-    s = loop.setup(task, config, dataset_size=16, image_size=16)
+    task = var_task.build(config, tokenizer=var_task.given_tokenizer(vq))  # given tokenizer: nothing written
+    s = loop.setup(task, config, dataset_size=16)
     state = s.init_fn(jax.random.key(0))
     batch = {k: jax.device_put(np.asarray(batch[k]), s.batch_shardings[k]) for k in s.batch_shardings}
     state, m = s.step_fn(state, batch, s.frozen)
@@ -96,7 +95,7 @@ def test_same_crops_same_tokens_and_loss(tokenizer_dir, builtin_tokens):
 @pytest.mark.slow
 def test_train_from_tokens(tokenizer_dir, builtin_tokens, tmp_path):
     c = token_config(tokenizer_dir, builtin_tokens)  # the step of the test above: a compile-cache hit
-    out = train.run(c, tmp_path / 'w')
+    out = var_task.run(c, tmp_path / 'w')
     assert np.isfinite(out['Lm']) and out['data_skipped_total'] == 0
     _, var = checkpoint.load_model(tmp_path / 'w', need_var=True)
     assert var.config.num_classes == 10
@@ -106,9 +105,9 @@ def test_other_tokenizer_or_settings_refused(tokenizer_dir, builtin_tokens, tmp_
     other = tmp_path / 'other_tok'
     checkpoint.save_model(other, vqvae=create(TOK, seed=4))
     with pytest.raises(ValueError, match='another tokenizer: fingerprint'):
-        train.run(token_config(other, builtin_tokens), tmp_path / 'w')
+        var_task.run(token_config(other, builtin_tokens), tmp_path / 'w')
     with pytest.raises(ValueError, match=f'set config.tokenizer.checkpoint .* manifest names {tokenizer_dir}'):
-        train.run(token_config(tokenizer_dir, builtin_tokens, **{'tokenizer.checkpoint': ''}), tmp_path / 'w2')
+        var_task.run(token_config(tokenizer_dir, builtin_tokens, **{'tokenizer.checkpoint': ''}), tmp_path / 'w2')
     assert not (tmp_path / 'w2').exists()
     m = tokens.read_manifest(str(builtin_tokens))
     with pytest.raises(ValueError, match=r'patch_nums \[1, 2, 4\] there, \[1, 2, 3, 4\]'):

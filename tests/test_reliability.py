@@ -16,19 +16,18 @@ import sys
 import time
 
 import pytest
-from conftest import REPO
-from test_train import TOK, cli_args, env8, losses, tiny_config, tokenizer_dir  # noqa: F401  (fixture)
+from conftest import REPO, TOK
+from test_train import cli_args, env8, losses, tiny_config
 
-from var_jax import train
 from var_jax.io import checkpoint
 from var_jax.models import create
-from var_jax.training import configs, loop
+from var_jax.training import configs, loop, var_task
 
 
 @pytest.fixture(scope='module')
 def trained(tokenizer_dir, tmp_path_factory):  # noqa: F811
     w = tmp_path_factory.mktemp('base') / 'w'
-    train.run(tiny_config(tokenizer_dir, total_steps=4), w)
+    var_task.run(tiny_config(tokenizer_dir, total_steps=4), w)
     assert sorted(checkpoint.TrainCheckpointer(w, read_only=True).mngr.all_steps()) == [2, 4]
     return w
 
@@ -88,7 +87,7 @@ def test_a_damaged_newest_step_falls_back_to_the_intact_one(tokenizer_dir, train
 def test_a_config_mismatch_is_not_taken_for_damage(tokenizer_dir, trained, tmp_path):  # noqa: F811
     w = copy_of(trained, tmp_path)
     with pytest.raises(ValueError, match='cannot restore step 4'):
-        train.run(tiny_config(tokenizer_dir, total_steps=6, **{'model.width': 128}), w)
+        var_task.run(tiny_config(tokenizer_dir, total_steps=6, **{'model.width': 128}), w)
     assert not (w / loop.DAMAGED).exists(), 'nothing is moved aside when no older step restores either'
     assert sorted(checkpoint.TrainCheckpointer(w, read_only=True).mngr.all_steps()) == [2, 4]
 
@@ -100,13 +99,13 @@ def test_another_tokenizer_on_a_rerun_is_an_error(trained, tmp_path):
     other = tmp_path / 'other_tok'
     checkpoint.save_model(other, vqvae=create(TOK, seed=4))
     with pytest.raises(ValueError, match='tokenizer') as e:
-        train.run(tiny_config(other, total_steps=6), w)
+        var_task.run(tiny_config(other, total_steps=6), w)
     assert str(other) in str(e.value) and 'copy of' in str(e.value)
     # asking to train one where the workdir holds a copy is the same mistake
     c = tiny_config(other, total_steps=6, **{'tokenizer.checkpoint': ''})
     c.tokenizer.train = configs.tokenizer_tiny()
     with pytest.raises(ValueError, match='copy of'):
-        train.run(c, w)
+        var_task.run(c, w)
 
 
 @pytest.mark.slow
@@ -115,7 +114,7 @@ def test_retraining_the_tokenizer_under_a_trained_var_is_an_error(trained, tmp_p
     tok = configs.tokenizer_tiny()
     tok.total_steps = 600
     # the workdir as a chained run leaves it: a tokenizer trained here (its config.json) under VAR steps
-    local = w / train.TOKENIZER_DIR
+    local = w / var_task.TOKENIZER_DIR
     shutil.rmtree(local)
     (local / checkpoint.CHECKPOINTS).mkdir(parents=True)
     checkpoint.write_model_json(local, vqvae=TOK, var=None)
@@ -124,7 +123,7 @@ def test_retraining_the_tokenizer_under_a_trained_var_is_an_error(trained, tmp_p
     c.tokenizer.train = configs.tokenizer_tiny()
     c.tokenizer.train.total_steps = 800
     with pytest.raises(ValueError, match=r'total_steps 600 -> 800'):
-        train.run(c, w)
+        var_task.run(c, w)
 
 
 # ---------------------------------------------------------------------------- 19.4 one run per workdir
@@ -194,7 +193,7 @@ def test_a_signal_stop_exits_with_the_requeue_code(tokenizer_dir, tmp_path):  # 
 @pytest.mark.slow
 def test_resuming_with_another_batch_size_says_so(tokenizer_dir, trained, tmp_path, capsys):  # noqa: F811
     w = copy_of(trained, tmp_path)
-    train.run(tiny_config(tokenizer_dir, total_steps=6, batch_size=8), w)
+    var_task.run(tiny_config(tokenizer_dir, total_steps=6, batch_size=8), w)
     out = capsys.readouterr().out
     notes = [ln for ln in out.splitlines() if 'batch_size' in ln]
     assert len(notes) == 1 and 'batch_size 8' in notes[0] and '16' in notes[0], out
@@ -214,11 +213,10 @@ def test_dry_run_of_the_default_config(tmp_path):
 @pytest.mark.slow
 def test_dry_run_says_what_fits(tokenizer_dir, tmp_path):  # noqa: F811
     c = tiny_config(tokenizer_dir, batch_size=64, **{'model.scan_layers': True})
-    base = loop.run(train.VARTask(c, tmp_path / 'w', dry_run=True), c, tmp_path / 'w', dry_run=True)
+    base = var_task.run(c, tmp_path / 'w', dry_run=True)
     need = base['bytes_per_device']
     # a device a little smaller than the recipe needs: some setting must bring it under
-    out = loop.run(train.VARTask(c, tmp_path / 'w', dry_run=True), c, tmp_path / 'w', dry_run=True,
-                      device_memory_gib=0.9 * need / 2 ** 30)
+    out = var_task.run(c, tmp_path / 'w', dry_run=True, device_memory_gib=0.9 * need / 2 ** 30)
     assert out['fits'] is False
     fit = out['suggestion']
     assert fit is not None and fit['bytes_per_device'] <= 0.9 * need, out

@@ -23,22 +23,12 @@ from conftest import REPO, no_jit_cache, override, prepare_tiny_tfds
 from flax import nnx
 from PIL import Image
 
-from var_jax import train
 from var_jax.io import checkpoint
 from var_jax.models import VAR, VQVAEConfig, create
-from var_jax.training import configs
+from var_jax.training import configs, var_task
 from var_jax.utils import metrics
 
-TOK = VQVAEConfig(vocab_size=64, z_channels=8, ch=16, ch_mult=(1, 2, 2), num_res_blocks=1, num_groups=8,
-                  using_sa=False, using_mid_sa=False, patch_nums=(1, 2, 4))
 OVERRIDES = dict(total_steps=6, batch_size=16, log_every=1, checkpoint_every=2)
-
-
-@pytest.fixture(scope='module')
-def tokenizer_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp('tok') / 'ckpt'
-    checkpoint.save_model(d, vqvae=create(TOK, seed=3))
-    return d
 
 
 def tiny_config(tokenizer_dir, **kw):
@@ -74,10 +64,35 @@ def env8(**extra):
     return env
 
 
+def test_reduce_steps_means_per_scale_vectors_and_counts():
+    fetched = [{'loss': np.float32(2.0), 'acc_scale': np.array([10.0, 20.0]), 'nonfinite': np.int32(0),
+                'skipped': np.int32(1)},
+               {'loss': np.float32(4.0), 'acc_scale': np.array([30.0, 40.0]), 'nonfinite': np.int32(1),
+                'skipped': np.int32(2)}]
+    logged, nonfinite, skipped = metrics.reduce_steps(fetched)
+    assert (nonfinite, skipped) == (1, 3)
+    assert logged == {'loss': 3.0, 'nonfinite': 1, 'skipped': 1.5, 'acc_scale/0': 20.0, 'acc_scale/1': 30.0}
+    assert list(logged) == ['loss', 'nonfinite', 'skipped', 'acc_scale/0', 'acc_scale/1'], 'scalars, then vectors'
+    assert all(type(v) is float for k, v in logged.items() if k != 'nonfinite')
+
+
+def test_the_library_imports_no_command_module():
+    commands = {'train', 'train_tokenizer', 'sample', 'edit', 'evaluate', 'convert', 'bench', 'pretokenize'}
+    pattern = re.compile(r'^\s*(?:from var_jax import ([\w, ]+)|from var_jax\.(\w+) import|import var_jax\.(\w+))',
+                         re.MULTILINE)
+    library = [f for f in sorted((REPO / 'var_jax').rglob('*.py'))
+               if f.parent.name != 'var_jax' or f.stem not in commands]
+    assert len(library) > 40
+    for f in library:
+        for m in pattern.finditer(f.read_text()):
+            names = {n.strip() for n in (m[1] or '').split(',')} | {m[2], m[3]}
+            assert not names & commands, f'{f.name} imports the command {names & commands}'
+
+
 @pytest.mark.slow
 def test_sharded_step_matches_one_device(tokenizer_dir, tmp_path):
-    one = train.run(tiny_config(tokenizer_dir, **{'mesh.num_devices': 1, 'total_steps': 3}), tmp_path / 'one')
-    sharded = train.run(tiny_config(tokenizer_dir, **{'mesh.data': 2, 'mesh.fsdp': 4, 'total_steps': 3}),
+    one = var_task.run(tiny_config(tokenizer_dir, **{'mesh.num_devices': 1, 'total_steps': 3}), tmp_path / 'one')
+    sharded = var_task.run(tiny_config(tokenizer_dir, **{'mesh.data': 2, 'mesh.fsdp': 4, 'total_steps': 3}),
                         tmp_path / 'sharded')
     a, b = losses(tmp_path / 'one'), losses(tmp_path / 'sharded')
     assert sorted(a) == sorted(b) == [1, 2, 3]
@@ -88,7 +103,8 @@ def test_sharded_step_matches_one_device(tokenizer_dir, tmp_path):
 @pytest.mark.slow
 def test_kill_and_resume_reproduces_the_uninterrupted_run(tokenizer_dir, tmp_path):
     cmd = [sys.executable, '-m', 'var_jax.train'] + cli_args(tokenizer_dir, tmp_path / 'run')
-    killed = subprocess.run(cmd, cwd=REPO, env=env8(VAR_JAX_FAULT_KILL_AT_STEP='3'), capture_output=True, text=True)
+    kill = [sys.executable, str(REPO / 'tests' / 'train_killed_after.py'), '3'] + cmd[3:]  # the same run
+    killed = subprocess.run(kill, cwd=REPO, env=env8(PYTHONPATH=str(REPO)), capture_output=True, text=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert checkpoint.TrainCheckpointer(tmp_path / 'run', read_only=True).latest_step() == 2
     ckpts = tmp_path / 'run' / checkpoint.CHECKPOINTS
@@ -114,20 +130,20 @@ def test_kill_and_resume_reproduces_the_uninterrupted_run(tokenizer_dir, tmp_pat
 @pytest.mark.slow
 def test_restore_on_another_mesh(tokenizer_dir, tmp_path):
     w = tmp_path / 'w'
-    train.run(tiny_config(tokenizer_dir, **{'mesh.data': 2, 'mesh.fsdp': 4, 'total_steps': 2}), w)
+    var_task.run(tiny_config(tokenizer_dir, **{'mesh.data': 2, 'mesh.fsdp': 4, 'total_steps': 2}), w)
     saved = checkpoint.TrainCheckpointer(w, read_only=True)
     assert saved.latest_step() == 2
     _, var = checkpoint.load_model(w)  # 8-device checkpoint -> one device
     leaf = jax.tree.leaves(nnx.state(var, nnx.Param))[0]
     assert len(leaf.sharding.device_set) == 1
     # the full training state (optimizer included) continues on a 1-device mesh
-    out = train.run(tiny_config(tokenizer_dir, **{'mesh.num_devices': 1, 'total_steps': 4}), w)
+    out = var_task.run(tiny_config(tokenizer_dir, **{'mesh.num_devices': 1, 'total_steps': 4}), w)
     assert np.isfinite(out['Lm']) and sorted(losses(w)) == [1, 2, 3, 4]
 
 
 @pytest.mark.slow
 def test_loss_falls(tokenizer_dir, tmp_path):
-    train.run(tiny_config(tokenizer_dir, **{'total_steps': 40, 'log_every': 5, 'checkpoint_every': 40}),
+    var_task.run(tiny_config(tokenizer_dir, **{'total_steps': 40, 'log_every': 5, 'checkpoint_every': 40}),
               tmp_path / 'w')
     lm = losses(tmp_path / 'w')
     assert lm[40] < lm[1] - 0.5, lm
@@ -137,8 +153,8 @@ def test_loss_falls(tokenizer_dir, tmp_path):
 def test_ema_weights_are_what_inference_loads(tokenizer_dir, tmp_path):
     # optim.ema is off in the official recipe; on, it must not change training, only what is exported
     kw = {'total_steps': 3, 'checkpoint_every': 3}
-    train.run(tiny_config(tokenizer_dir, **kw), tmp_path / 'plain')
-    train.run(tiny_config(tokenizer_dir, **kw, **{'optim.ema': 0.999999}), tmp_path / 'ema')
+    var_task.run(tiny_config(tokenizer_dir, **kw), tmp_path / 'plain')
+    var_task.run(tiny_config(tokenizer_dir, **kw, **{'optim.ema': 0.999999}), tmp_path / 'ema')
     assert losses(tmp_path / 'plain') == losses(tmp_path / 'ema')
     plain = nnx.state(checkpoint.load_model(tmp_path / 'plain')[1], nnx.Param)
     ema_var = checkpoint.load_model(tmp_path / 'ema')[1]
@@ -177,7 +193,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, layout, capsys):
     checkpoint.save_model(tmp_path / 'tok', vqvae=create(tok, seed=1))
     c = tiny_config(tmp_path / 'tok', **{'total_steps': 3, 'batch_size': 8})
     c.data = data
-    out = train.run(c, tmp_path / 'w')
+    out = var_task.run(c, tmp_path / 'w')
     assert out['data_skipped_total'] >= 1 and np.isfinite(out['Lm'])
     said = [line for line in capsys.readouterr().out.splitlines() if 'unreadable' in line]
     assert said and f'{int(out["data_skipped_total"])} so far' in said[-1], 'skips are reported on the console too'
@@ -209,7 +225,8 @@ def test_bad_config_is_one_line(tokenizer_dir, tmp_path, override, match):
 @pytest.mark.slow
 def test_d30_dry_run_on_8_devices_with_fsdp(tmp_path):
     r = subprocess.run([sys.executable, '-m', 'var_jax.train', f'--config={REPO / "configs" / "d30.py"}',
-                        f'--workdir={tmp_path / "w"}', '--dry_run', '--config.batch_size=16', '--config.model.remat=block'],
+                        f'--workdir={tmp_path / "w"}', '--dry_run', '--config.batch_size=16',
+                        '--config.model.remat=block'],
                        cwd=REPO, env=env8(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "'fsdp': 8" in r.stdout and 'per-device memory' in r.stdout

@@ -10,10 +10,9 @@ import pytest
 from conftest import override
 from flax import nnx
 
-from var_jax import train_tokenizer
 from var_jax.io import checkpoint
 from var_jax.models import create
-from var_jax.training import configs
+from var_jax.training import configs, tokenizer_task
 from var_jax.utils import metrics
 
 
@@ -35,7 +34,7 @@ def records(workdir):
 
 @pytest.mark.slow
 def test_psnr_rises_and_every_scale_uses_the_codebook(tmp_path):
-    out = train_tokenizer.run(tiny_config(total_steps=150, log_every=10, checkpoint_every=150), tmp_path / 'w')
+    out = tokenizer_task.run(tiny_config(total_steps=150, log_every=10, checkpoint_every=150), tmp_path / 'w')
     r = records(tmp_path / 'w')
     assert out['eval/psnr'] > r[1]['psnr'] + 3.0, (r[1]['psnr'], out['eval/psnr'])
     # official EMA usage measure, per scale: the coarse scales see few tokens per batch (1, 4, 16
@@ -48,14 +47,14 @@ def test_psnr_rises_and_every_scale_uses_the_codebook(tmp_path):
 @pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     c = tiny_config(total_steps=6, checkpoint_every=3)
-    train_tokenizer.run(c, tmp_path / 'a')
+    tokenizer_task.run(c, tmp_path / 'a')
     want = records(tmp_path / 'a')
     # simulate a crash after step 3: keep only that checkpoint and the log up to it, run again
     shutil.copytree(tmp_path / 'a', tmp_path / 'b')
     shutil.rmtree(tmp_path / 'b' / 'checkpoints' / '6')
     lines = (tmp_path / 'b' / 'metrics.jsonl').read_text().splitlines()
     (tmp_path / 'b' / 'metrics.jsonl').write_text('\n'.join(lines[:3]) + '\n')
-    train_tokenizer.run(c, tmp_path / 'b')
+    tokenizer_task.run(c, tmp_path / 'b')
     got = records(tmp_path / 'b')
     for s in (4, 5, 6):
         assert got[s]['L_rec'] == want[s]['L_rec'] and got[s]['L_vq'] == want[s]['L_vq'], s
@@ -67,7 +66,7 @@ def test_resume_is_exact(tmp_path):
 def test_gan_lpips_and_ema_paths(tmp_path):
     c = tiny_config(total_steps=4, **{'loss.gan': 0.1, 'loss.gan_start': 2, 'loss.lpips': 1.0, 'loss.ema': 0.9,
                                       'loss.disc_ch': 16, 'loss.disc_layers': 2})
-    out = train_tokenizer.run(c, tmp_path / 'w')
+    out = tokenizer_task.run(c, tmp_path / 'w')
     r = records(tmp_path / 'w')
     for k in ('L_G', 'L_D', 'gan_weight', 'eval/lpips'):
         assert k in out and np.isfinite(out[k]), k
@@ -82,7 +81,7 @@ def test_fine_tune_from_a_model_checkpoint(tmp_path):
     start = create(configs.vqvae_model_config(c.model), seed=7)
     checkpoint.save_model(tmp_path / 'init', vqvae=start)
     c.init_from = str(tmp_path / 'init')
-    train_tokenizer.run(c, tmp_path / 'w')
+    tokenizer_task.run(c, tmp_path / 'w')
     r = records(tmp_path / 'w')
     assert r[1]['psnr'] > 0
     vq, _ = checkpoint.load_model(tmp_path / 'w')
@@ -98,4 +97,4 @@ def test_fine_tune_from_a_model_checkpoint(tmp_path):
 ])
 def test_bad_config(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
-        train_tokenizer.run(tiny_config(**kw), tmp_path / 'w')
+        tokenizer_task.run(tiny_config(**kw), tmp_path / 'w')

@@ -49,10 +49,10 @@ from var_jax.benchmarks.train import (
     tokenizer_config,
     train_step_program,
 )
-from var_jax.models import VARConfig, VQVAEConfig, abstract, create, vqvae_config
+from var_jax.models import VARConfig, VQVAEConfig, create, vqvae_config
 from var_jax.sampling import generate
 from var_jax.testing import TINY_OFFICIAL_VQ
-from var_jax.training import configs
+from var_jax.training import configs, var_task
 
 WORKLOADS = ('train', 'train_encode', 'sample', 'encode', 'decode')
 WHAT = {
@@ -86,8 +86,6 @@ class Spec:
 
 def make_spec(*, depth: int = 16, config: str | None = None, tiny: bool = False, batch: int = 2,
               dtype: str = 'float32', cfg: float = 1.5, top_k: int = 900, top_p: float = 0.96, seed: int = 0) -> Spec:
-    from var_jax.train import VARTask  # noqa: PLC0415  (a command module: the task moves to training/)
-
     if tiny:
         c = configs.var_recipe(depth=2, batch_size=batch, epochs=1, tblr=1e-4, alng=1e-5, wpe=0.1)
         c.model.update(patch_nums=TINY_OFFICIAL_VQ.patch_nums, num_classes=10)
@@ -106,7 +104,7 @@ def make_spec(*, depth: int = 16, config: str | None = None, tiny: bool = False,
         vq, name = vqvae_config(patch_nums=configs.patch_nums_of(c)), f'd{depth}'
     c.model.dtype = dtype
     c = one_device_config(c, batch, vq)
-    var = VARTask(c, tempfile.gettempdir(), tokenizer=abstract(vq)).var_cfg
+    var = var_task.var_config(c, vq)
     top_k = min(top_k, var.vocab_size)  # the official top-k fails above V
     return Spec(name, c, vq.replace(dtype=dtype), var, batch, cfg, top_k, top_p, seed)
 

@@ -42,13 +42,12 @@ import traceback
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from var_jax.benchmarks import compare, train
-from var_jax.models import abstract, create, var_config, vqvae_config
+from var_jax.models import create, var_config, vqvae_config
 from var_jax.sampling import generate
 from var_jax.testing import TINY_VAR, TINY_VQ
-from var_jax.training import configs, loop
+from var_jax.training import configs, loop, var_task
 from var_jax.utils import metrics
 
 PARTS = ('peak', 'train_d16', 'train_d20', 'sample_d16', 'memory_d30', 'official')
@@ -247,10 +246,8 @@ def _var_config(args, depth: int, batch: int):
 
 def _var_cfg(config, batch: int, vq):
     """The VARConfig the train step of this config builds (no weights)."""
-    from var_jax.train import VARTask  # noqa: PLC0415  (a command module: the task moves to training/)
-
     vq = vq or train.tokenizer_config(config)
-    return VARTask(train.one_device_config(config, batch, vq), tempfile.gettempdir(), tokenizer=abstract(vq)).var_cfg
+    return var_task.var_config(train.one_device_config(config, batch, vq), vq)
 
 
 def _train(depth: int):
@@ -311,25 +308,19 @@ def part_sample(args, part: Part):
 
 
 def part_memory(args, part: Part):
-    from var_jax.train import VARTask  # noqa: PLC0415  (a command module: the task moves to training/)
-
     batch = 2 if args.smoke else MEMORY_BATCH
     config, vq = _var_config(args, 30, batch)
     config = train.one_device_config(config, batch, vq)
     with tempfile.TemporaryDirectory() as tmp:  # dry run: no tokenizer weights, nothing allocated
-        task = VARTask(config, tmp, dry_run=True)
-        if vq is not None:
-            task.vq_cfg = vq
-            task.vq_graphdef = nnx.split(abstract(vq))[0]
-            config.data.image_size = vq.image_size
-        size = task.vq_cfg.image_size
-        config.data.image_size = size
-        s = loop.setup(task, config, dataset_size=loop.IMAGENET_TRAIN, image_size=size)
+        tok = var_task.Tokenizer(vq) if vq is not None else var_task.resolve_tokenizer(config, tmp, dry_run=True)
+        config.data.image_size = tok.config.image_size
+        task = var_task.build(config, tokenizer=tok)
+        s = loop.setup(task, config, dataset_size=loop.IMAGENET_TRAIN)
         t0 = time.monotonic()
-        compiled, _ = loop.compile_step(task, s, config, size)
+        compiled, _ = loop.compile_step(task, s)
         took = time.monotonic() - t0
     mem = compiled.memory_analysis()
-    c = task.var_cfg
+    c = task.model_configs['var']
     check = f'memory d30{" (smoke: tiny)" if args.smoke else ""}'
     setting = f'{c.dtype} train step, batch {batch} per device, compiled (lower + compile only)'
     if mem is None:

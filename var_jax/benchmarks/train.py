@@ -32,7 +32,7 @@ from var_jax.data import builtin
 from var_jax.models import VQVAEConfig, create, vqvae_config
 from var_jax.models import var as var_module
 from var_jax.parallel import sharding
-from var_jax.training import configs, loop
+from var_jax.training import configs, loop, tokenizer_task, var_task
 
 
 def load_config(spec: str):
@@ -74,12 +74,10 @@ def one_device_config(config, batch: int, vq_cfg: VQVAEConfig | None = None):
     return config
 
 
-class _GivenTokensTask:
-    """Mixed into `VARTask`: the step reads the teacher-forcing input and targets from the batch
-    (`x_in`, `target`) instead of encoding images, i.e. VAR alone (`compare`'s `train` workload)."""
-
-    def teacher_forcing(self, mb, vq):
-        return mb['x_in'], mb['target']
+def _given_tokens(mb, vq):
+    """The step's teacher-forcing input and targets read from the batch (`x_in`, `target`) instead
+    of encoding images, i.e. VAR alone (`compare`'s `train` workload)."""
+    return mb['x_in'], mb['target']
 
 
 def train_step_program(config, batch: int, baseline: bool, from_tokens: bool = False, *,
@@ -91,9 +89,6 @@ def train_step_program(config, batch: int, baseline: bool, from_tokens: bool = F
     VQVAE a VAR config encodes with (default `tokenizer_config`). `var_alone`: the VAR step without
     the encode, fed random teacher-forcing input and targets (jitted on one device as `loop.setup`
     does, with the batch's two extra arrays)."""
-    from var_jax.train import VARTask  # noqa: PLC0415  (a command module: the task moves to training/)
-    from var_jax.train_tokenizer import TokenizerTask  # noqa: PLC0415  (likewise)
-
     config = one_device_config(config, batch, tokenizer)
     num_classes = 1
     if from_tokens:  # the step of data.source='tokens': token batches, no encoder (var_jax/data/token_writer.py)
@@ -101,29 +96,28 @@ def train_step_program(config, batch: int, baseline: bool, from_tokens: bool = F
     if is_tokenizer_config(config):
         vq_cfg = configs.vqvae_model_config(config.model)
         config.data.image_size = vq_cfg.image_size
-        task = TokenizerTask(config, tempfile.gettempdir())
+        task = tokenizer_task.builder(config, tempfile.gettempdir())(config, None)
         losses = [f'{k} {config.loss[k]:g}' for k in ('l1', 'l2', 'lpips', 'gan') if config.loss[k]]
         what = (f'tokenizer ch {vq_cfg.ch} x {tuple(vq_cfg.ch_mult)}, V {vq_cfg.vocab_size}, {vq_cfg.image_size} px, '
                 f'{vq_cfg.num_scales} scales, loss {" + ".join(losses)}, {vq_cfg.dtype}')
     else:
         num_classes = config.model.num_classes
         vq_cfg = tokenizer or tokenizer_config(config)
-        cls = type('VARAloneTask', (_GivenTokensTask, VARTask), {}) if var_alone else VARTask
-        task = cls(config, tempfile.gettempdir(), tokenizer=create(vq_cfg, seed=0))
-        c = task.var_cfg
+        task = var_task.build(config, tokenizer=var_task.given_tokenizer(create(vq_cfg, seed=0)),
+                              teacher_forcing=_given_tokens if var_alone else None)
+        c = task.model_configs['var']
         what = (f'VAR depth {c.depth} width {c.C}, {c.L} tokens, {c.dtype}; ' +
                 ('no tokenizer (given tokens)' if var_alone else f'tokenizer ch {vq_cfg.ch}, {vq_cfg.image_size} px'))
     size = vq_cfg.image_size
-    s = loop.setup(task, config, dataset_size=int(config.data.get('size_hint', loop.IMAGENET_TRAIN)),
-                      image_size=size)
+    s = loop.setup(task, config, dataset_size=int(config.data.get('size_hint', loop.IMAGENET_TRAIN)))
     rng = np.random.default_rng(0)
-    spec = task.batch_spec(batch, size)
+    spec = task.batch_spec  # of config.batch_size, which is `batch` (one_device_config)
     data = {'image': rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)} if 'image' in spec else \
         {'tokens': rng.integers(0, vq_cfg.vocab_size, spec['tokens'].shape).astype(spec['tokens'].dtype)}
     data |= {'label': (np.arange(batch) % num_classes).astype(np.int32),
              'skipped': np.zeros(batch, np.int32)}
     if var_alone:
-        c = task.var_cfg
+        c = task.model_configs['var']
         data['image'] = np.zeros((batch, 1, 1, 3), np.uint8)  # unread
         data['x_in'] = rng.standard_normal((batch, c.L - c.patch_nums[0] ** 2, c.cvae), dtype=np.float32)
         data['target'] = rng.integers(0, c.vocab_size, (batch, c.L), dtype=np.int32)
@@ -135,7 +129,7 @@ def train_step_program(config, batch: int, baseline: bool, from_tokens: bool = F
     patch = (mock.patch.object(var_module, 'layer_norm', var_module.layer_norm_autodiff) if baseline
              else contextlib.nullcontext())
     with patch:  # the norm is looked up while tracing, so only this program uses the baseline
-        compiled, _ = loop.compile_step(task, s, config, size)
+        compiled, _ = loop.compile_step(task, s)
     data = {k: jax.device_put(v, s.batch_shardings[k]) for k, v in data.items()}
     # from tokens: no state of its own; it runs on the image step's (same structure), which halves
     # the memory of the comparison (two d16 states did not fit a 23 GB machine)

@@ -41,9 +41,7 @@ def resolve_tokenizer(config, workdir: str | None) -> str:
     if config.tokenizer.checkpoint:
         return str(config.tokenizer.checkpoint)
     if workdir:
-        from var_jax import train  # noqa: PLC0415  (a command module: TOKENIZER_DIR moves to training/)
-
-        local = os.path.join(workdir, train.TOKENIZER_DIR)
+        local = os.path.join(workdir, checkpoint.TOKENIZER_DIR)
         if os.path.exists(os.path.join(local, checkpoint.MODEL_FILE)):
             return local
         raise ValueError(f'--workdir {workdir} holds no trained tokenizer ({local}); give '
@@ -121,7 +119,7 @@ def make_encoder(vqvae, batch: int):
     @jax.jit
     def fn(params, images):
         vq = nnx.merge(graphdef, params)
-        idx_list, _ = vq.quantize.tokenize(vq.encode(loop.images_to_float(images)))  # as in VARTask.train_step
+        idx_list, _ = vq.quantize.tokenize(vq.encode(loop.images_to_float(images)))  # as in var_task.encode_batch
         return jnp.concatenate(idx_list, axis=1)
 
     def encode(images: np.ndarray) -> np.ndarray:

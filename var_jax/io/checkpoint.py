@@ -35,6 +35,7 @@ from var_jax.models import VARConfig, VQVAEConfig, abstract, check_pair
 from var_jax.models.config import to_jnp_dtype
 
 MODEL_FILE = 'model.json'
+TOKENIZER_DIR = 'tokenizer'  # a VAR workdir's copy of its tokenizer (a model checkpoint)
 FORMAT = 'var_jax.model/1'
 
 

@@ -189,7 +189,7 @@ def _splash_kernel(patch_nums: tuple[int, ...], heads: int, interpret: bool):
     Padding positions get scale id K (past the last scale): real queries never see them, and the
     padding queries see every key (no empty softmax row); their outputs are dropped."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash  # noqa: PLC0415  (TPU kernels: only for attention='splash')
-    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask  # noqa: PLC0415
 
     length = sum(p * p for p in patch_nums)
     padded = -(-length // SPLASH_BLOCK) * SPLASH_BLOCK

@@ -1,11 +1,15 @@
-"""The training loop both trainers share (`train` for VAR, `train_tokenizer` for the VQVAE).
+"""The training loop both trainers share (`training/var_task.py` for VAR, `training/tokenizer_task.py`
+for the VQVAE).
 
-A `Task` says what is trained (models, optimizer, one update step, evaluations); this file does
-everything else, once: mesh, input, sharded state creation or exact resume, the jitted step with
-shardings and donation, the non-finite guard, checkpoints (periodic, final, on SIGTERM), metrics,
-progress and the dry run. Sections below follow that order. What a run guarantees (fallback from a
-damaged checkpoint, one run per workdir, exit status 75 after a signal, the dry run's "what fits")
-is summarised in docs/reliability.md.
+A `Task` (an immutable description built by `var_task.build` / `tokenizer_task.build`) says what
+is trained: models, optimizer, one update step, what is frozen and exported, evaluations. This
+file does everything else, once: mesh, input, sharded state creation or exact resume, the jitted
+step with shardings and donation, the non-finite guard, checkpoints (periodic, final, on SIGTERM),
+metrics, progress and the dry run. `train` reads top to bottom in that order (input / state /
+compile / loop / end); it never writes into the task: what it learns (the data source) goes into
+the task's builder, what it found (a finished run) comes back in `Result`. What a run guarantees
+(fallback from a damaged checkpoint, one run per workdir, exit status 75 after a signal, the dry
+run's "what fits") is summarised in docs/reliability.md.
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,13 +33,10 @@ from flax import struct
 
 from var_jax.data.pipeline import make_dataset
 from var_jax.io import checkpoint
-from var_jax.parallel import distributed, sharding
+from var_jax.parallel import sharding
 from var_jax.utils import metrics
 
 IMAGENET_TRAIN = 1_281_167  # schedule length for a dry run, which reads no data
-# Tests set this to make the process SIGKILL itself after that step (once pending checkpoint
-# writes are on disk), i.e. the `kill -9` of the resume test without a timing race.
-_FAULT_KILL_AT = int(os.environ.get('VAR_JAX_FAULT_KILL_AT_STEP', '0'))
 # Exit status of a run stopped by SIGTERM / SIGINT after its checkpoint was saved: EX_TEMPFAIL of
 # sysexits.h ("temporary failure, try again"), distinct from 0 (finished), 1 (a bug), 2 (a user
 # error) and 128+N (killed by signal N before it could save), so that a scheduler can requeue on it
@@ -58,58 +59,52 @@ class TrainState:
         return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
+def image_batch_spec(batch_size: int, image_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The batch of the image pipelines (var_jax/data/pipeline.py): uint8 images, labels, skip counts."""
+    return {'image': jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8),
+            'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+            'skipped': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
+
+
+def _no_evaluation(state, frozen, step, writer, final) -> dict:
+    return {}
+
+
+def _loss_only(m: dict) -> dict:
+    return {k: m[k] for k in ('loss',) if k in m}
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
-    """What one trainer plugs into the loop. Subclasses implement the methods that raise."""
+    """What one trainer plugs into the loop: built once from the config (and the data source) by
+    `var_task.build` / `tokenizer_task.build`, read by the loop, never written."""
 
-    name = 'task'
-    export = ('var',)  # params saved in the checkpoint's `params` item (what inference loads)
+    name: str  # the progress prefix: '[var] step ...'
+    model_configs: dict  # model.json: {'vqvae': VQVAEConfig | None, 'var': VARConfig | None, ...extra json}
+    optimizer: Callable[[int, float], optax.GradientTransformation]  # (total steps, steps per epoch) -> tx
+    init_params: Callable[[jax.Array], tuple[dict, dict]]  # traced: key -> (params, extra)
+    train_step: Callable[..., tuple[TrainState, dict]]  # (state, batch, frozen, tx) -> (state, metrics), traced
+    batch_spec: dict[str, jax.ShapeDtypeStruct]  # global shape and dtype of every batch field the step reads
+    # arrays the step reads but never updates (the tokenizer of VAR training), replicated by the loop;
+    # ShapeDtypeStructs for a dry run
+    frozen: Any = None
+    export: tuple[str, ...] = ('var',)  # params saved in the checkpoint's `params` item (what inference loads)
+    ema_decay: float = 0.0  # > 0: EMA copies of the exported params, which inference then loads
+    pretrained: Callable[[], dict] = dict  # {name: nnx.State} replacing fresh weights (fine-tuning), or {}
+    # host side: (state, frozen, step, writer, final) -> metrics to log
+    evaluate: Callable[..., dict] = _no_evaluation
+    progress_fields: Callable[[dict], dict] = _loss_only  # logged metrics -> the fields of the progress line
+    flops_per_image: float = 0.0  # training FLOPs, for TFLOP/s
+    tokens_per_image: int = 0  # for tokens/s
     memory_knobs: tuple[str, ...] = ()  # what the dry run may suggest besides fsdp: 'remat', 'grad_accum'
-    already_complete = False  # set by `run`: the workdir held a finished run (nothing was trained)
 
-    def __init__(self, config, workdir):
-        self.config, self.workdir = config, checkpoint.abspath(workdir)
 
-    # --- models and state
-    def model_configs(self) -> dict:  # -> {'vqvae': VQVAEConfig | None, 'var': VARConfig | None, ...extra json}
-        raise NotImplementedError
+Build = Callable[[Any, Any], Task]  # (config, data source or None for a dry run) -> Task
 
-    def optimizer(self, total_steps: int, steps_per_epoch: float) -> optax.GradientTransformation:
-        raise NotImplementedError
 
-    def init_params(self, key) -> tuple[dict, dict]:  # traced: -> (params, extra)
-        raise NotImplementedError
-
-    def ema_decay(self) -> float:
-        return 0.0
-
-    def frozen(self, mesh):  # arrays the step reads but never updates (the tokenizer of VAR training)
-        return None
-
-    def pretrained(self) -> dict:  # {name: nnx.State} replacing fresh weights (fine-tuning), or {}
-        return {}
-
-    # --- update
-    def train_step(self, state: TrainState, batch: dict, frozen, tx) -> tuple[TrainState, dict]:
-        raise NotImplementedError
-
-    def flops_per_image(self) -> float:
-        return 0.0
-
-    def batch_spec(self, batch_size: int, image_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """Global shape and dtype of every batch field the step reads (the input pipeline's keys)."""
-        return {'image': jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), jnp.uint8),
-                'label': jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-                'skipped': jax.ShapeDtypeStruct((batch_size,), jnp.int32)}
-
-    # --- host side
-    def evaluate(self, state: TrainState, frozen, step: int, writer: metrics.Writer, final: bool) -> dict:
-        return {}
-
-    def progress_fields(self, m: dict) -> dict:
-        return {k: m[k] for k in ('loss',) if k in m}
-
-    def throughput(self, images_per_sec: float) -> dict:
-        return {}
+class Result(NamedTuple):
+    metrics: dict  # the last logged metrics (and the final evaluation's)
+    already_complete: bool  # the workdir held a finished run: nothing was trained, `metrics` are its record
 
 
 # ---------------------------------------------------------------------------- helpers for tasks
@@ -150,7 +145,8 @@ class Setup:
     abstract_state: Any
     state_shardings: Any
     batch_shardings: Any
-    frozen: Any
+    frozen: Any  # the task's frozen arrays, replicated over the mesh
+    init_fn: Any  # jitted: key -> TrainState, sharded from the start
     step_fn: Any  # jitted
     total_steps: int
     steps_per_epoch: float
@@ -169,8 +165,8 @@ def _guarded(task: Task, tx):
                           ema=jax.tree.map(keep, new.ema, state.ema),
                           extra=jax.tree.map(keep, new.extra, state.extra),
                           step=state.step + 1)
-        if task.ema_decay() > 0:
-            d = task.ema_decay()
+        if task.ema_decay > 0:
+            d = task.ema_decay
             new = new.replace(ema={k: jax.tree.map(lambda e, p: jnp.where(ok, d * e + (1 - d) * p, e), v,
                                                    new.params[k]) for k, v in new.ema.items()})
         return new, {**m, 'nonfinite': (~ok).astype(jnp.int32)}
@@ -187,7 +183,15 @@ def steps_for(config, dataset_size: int) -> tuple[int, float]:
     return max(1, round(config.epochs * steps_per_epoch)), steps_per_epoch
 
 
-def setup(task: Task, config, *, dataset_size: int, image_size: int) -> Setup:
+def _replicated(tree, mesh):
+    """The task's frozen arrays on every device (abstract ones stay abstract, with that sharding)."""
+    rep = sharding.replicated(mesh)
+    if tree is not None and all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree)):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), tree)
+    return None if tree is None else sharding.put(tree, rep)
+
+
+def setup(task: Task, config, *, dataset_size: int) -> Setup:
     # ---- mesh
     mesh = sharding.make_mesh(**config.mesh)
     dp = sharding.data_parallel_size(mesh)
@@ -203,7 +207,7 @@ def setup(task: Task, config, *, dataset_size: int, image_size: int) -> Setup:
     # ---- abstract state -> shardings (nothing allocated)
     def init_fn(key):
         params, extra = task.init_params(key)
-        ema = {k: params[k] for k in params if k in task.export} if task.ema_decay() > 0 else {}
+        ema = {k: params[k] for k in params if k in task.export} if task.ema_decay > 0 else {}
         return TrainState(step=jnp.zeros((), jnp.int32), rng=jax.random.key_data(jax.random.fold_in(key, 1)),
                           params=params, opt_state=tx.init(params), ema=ema, extra=extra)
 
@@ -216,31 +220,29 @@ def setup(task: Task, config, *, dataset_size: int, image_size: int) -> Setup:
             opt_state=sharding.like_params(abstract_state.opt_state, abstract_state.params, param_sh, rep),
             ema={k: param_sh[k] for k in abstract_state.ema},
             extra=jax.tree.map(lambda _: rep, abstract_state.extra))
-    batch_sh = {k: sharding.batch_sharding(mesh, ndim=len(v.shape))
-                for k, v in task.batch_spec(config.batch_size, image_size).items()}
-    frozen = task.frozen(mesh)
+    batch_sh = {k: sharding.batch_sharding(mesh, ndim=len(v.shape)) for k, v in task.batch_spec.items()}
+    frozen = _replicated(task.frozen, mesh)
     frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     step_fn = jax.jit(_guarded(task, tx), in_shardings=(state_sh, batch_sh, frozen_sh),
                       out_shardings=(state_sh, rep), donate_argnums=0)
-    setup = Setup(mesh, tx, abstract_state, state_sh, batch_sh, frozen, step_fn, total, spe)
-    setup.init_fn = jax.jit(init_fn, out_shardings=state_sh)  # type: ignore[attr-defined]
-    return setup
+    return Setup(mesh, tx, abstract_state, state_sh, batch_sh, frozen, jax.jit(init_fn, out_shardings=state_sh),
+                 step_fn, total, spe)
 
 
 def _abstract(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def compile_step(task: Task, s: Setup, config, image_size: int):
+def compile_step(task: Task, s: Setup):
     """Lower + compile the step from abstract shapes; returns (compiled, memory report string)."""
-    compiled, report, _ = compile_and_measure(task, s, config, image_size)
+    compiled, report, _ = compile_and_measure(task, s)
     return compiled, report
 
 
-def compile_and_measure(task: Task, s: Setup, config, image_size: int):
+def compile_and_measure(task: Task, s: Setup):
     """`compile_step` -> (compiled, report line, per-device bytes or None where XLA tells none)."""
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s.batch_shardings[k])
-             for k, v in task.batch_spec(config.batch_size, image_size).items()}
+             for k, v in task.batch_spec.items()}
     frozen = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), s.frozen)
     with sharding.use_mesh(s.mesh):
         t0 = time.time()
@@ -333,7 +335,7 @@ def workdir_lock(workdir):
     `kill -9` and a crash included, so a dead run never leaves a stale lock; the file's content
     (pid, host, start time) only names the holder in the error, and the file itself stays. Process
     0 locks for a multi-process run and tells the others, so every rank stops the same way.
-    Re-entrant within a process (`train` holds it around the tokenizer and VAR phases). Local
+    Re-entrant within a process (`var_task.run` holds it over the tokenizer and VAR phases). Local
     file systems only: a gs:// workdir is not locked (docs/reliability.md).
     """
     import fcntl  # noqa: PLC0415  (POSIX only)
@@ -364,8 +366,8 @@ def workdir_lock(workdir):
         else:
             fh.seek(0)
             fh.truncate()
-            fh.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
-                                 'started': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')}))
+            started = datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M:%S UTC')
+            fh.write(json.dumps({'pid': os.getpid(), 'host': socket.gethostname(), 'started': started}))
             fh.flush()
     refused = bool(holder)
     if jax.process_count() > 1:
@@ -373,7 +375,8 @@ def workdir_lock(workdir):
 
         refused = bool(multihost_utils.broadcast_one_to_all(np.int32(refused)))
     if refused:
-        raise ValueError(f'{workdir} is in use by another run ({_describe_holder(holder) if holder else "on process 0"}); '
+        who = _describe_holder(holder) if holder else 'on process 0'
+        raise ValueError(f'{workdir} is in use by another run ({who}); '
                          'wait for it to finish or stop it (a stopped or killed run frees the workdir)')
     _HELD[path] = [fh, 1]
     try:
@@ -400,21 +403,15 @@ def device_memory(given_gib: float = 0.0) -> tuple[int | None, str]:
     return int(limit), f'{limit / 2 ** 30:.1f} GiB ({jax.local_devices()[0].device_kind})'
 
 
-def _variant(task: Task, config, **dotted):
+def _variant(config, **dotted):
+    """A copy of `config` with these `a.b.c=value` settings."""
     c = copy.deepcopy(config)
-    for key, value in dotted.items():
-        node = c
-        *parents, leaf = key.split('.')
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
-    t = copy.copy(task)
-    t.config = c
-    return t, c
+    c.update_from_flattened_dict(dotted)
+    return c
 
 
-def what_fits(task: Task, config, need: int, limit: int, *, mesh_shape: dict, image_size: int, dataset_size: int,
-              max_compiles: int = 5) -> dict | None:
+def what_fits(config, build: Build, need: int, limit: int, *, memory_knobs: tuple[str, ...], mesh_shape: dict,
+              dataset_size: int, max_compiles: int = 5) -> dict | None:
     """Settings that keep the recipe's global batch and bring the compiled per-device memory under
     `limit`, tried cheapest first and each compiled (abstract shapes, no data): all data-parallel
     devices into fsdp (parameters and optimizer state sharded over every device), then `remat=block`
@@ -422,6 +419,7 @@ def what_fits(task: Task, config, need: int, limit: int, *, mesh_shape: dict, im
     (`grad_accum` micro-batches; activations shrink ~k-fold, the step takes as long). For
     accumulation, memory ~ fixed + activations / k is fitted from k = 1 and 2 and the predicted k
     compiled, so a search costs at most `max_compiles` compiles.
+    Each setting is a new task built from the changed config (`build`).
     -> {'args': [--config overrides], 'bytes_per_device': int} for the first that fits, or None."""
     tried, applied, best = 0, {}, None
     data, fsdp, tensor = (int(mesh_shape[a]) for a in sharding.MESH_AXES)
@@ -429,16 +427,16 @@ def what_fits(task: Task, config, need: int, limit: int, *, mesh_shape: dict, im
     steps: list[dict] = []
     if data > 1:
         steps.append({'mesh.data': 1, 'mesh.fsdp': data * fsdp})
-    if 'remat' in task.memory_knobs and config.model.get('remat', 'none') == 'none':
+    if 'remat' in memory_knobs and config.model.get('remat', 'none') == 'none':
         steps.append({'model.remat': 'block'})
 
     def measure(overrides):
         nonlocal tried, best
         tried += 1
-        t, c = _variant(task, config, **overrides)
+        c = _variant(config, **overrides)
         try:
-            s = setup(t, c, dataset_size=dataset_size, image_size=image_size)
-            got = compile_and_measure(t, s, c, image_size)[2]
+            t = build(c, None)
+            got = compile_and_measure(t, setup(t, c, dataset_size=dataset_size))[2]
         except ValueError:  # a setting this mesh or batch does not allow
             return None
         if got is not None and (best is None or got < best[1]):
@@ -456,7 +454,7 @@ def what_fits(task: Task, config, need: int, limit: int, *, mesh_shape: dict, im
         last = got
         if got <= limit:
             return _suggestion(applied, got)
-    if 'grad_accum' in task.memory_knobs and tried < max_compiles:
+    if 'grad_accum' in memory_knobs and tried < max_compiles:
         per_device = config.batch_size // max(1, n // tensor)  # over data x fsdp, whatever their split
         accum0 = int(config.get('grad_accum', 1))
         ks = [k for k in (2, 4, 8, 16, 32, 64, 128, 256) if k > accum0 and per_device % k == 0]
@@ -482,13 +480,14 @@ def _suggestion(overrides: dict, got: int) -> dict:
     return {'args': [f'--config.{k}={v}' for k, v in overrides.items()], 'bytes_per_device': int(got), 'fits': True}
 
 
-def dry_run_report(task: Task, config, *, device_memory_gib: float = 0.0) -> dict:
-    """Compile the step from abstract shapes (no data, no weights), print the per-device memory,
-    compare it with the device's and, when it does not fit, say which settings make it fit."""
-    data_cfg = config.data
-    size = int(data_cfg.get('size_hint', IMAGENET_TRAIN))
-    s = setup(task, config, dataset_size=size, image_size=data_cfg.image_size)
-    _, report, need = compile_and_measure(task, s, config, data_cfg.image_size)
+def dry_run_report(config, build: Build, *, device_memory_gib: float = 0.0) -> dict:
+    """Compile the step of `build(config, None)` from abstract shapes (no data, no weights, nothing
+    written), print the per-device memory, compare it with the device's and, when it does not fit,
+    say which settings make it fit. `device_memory_gib` pretends the target device's memory."""
+    task = build(config, None)
+    size = int(config.data.get('size_hint', IMAGENET_TRAIN))
+    s = setup(task, config, dataset_size=size)
+    _, report, need = compile_and_measure(task, s)
     me = jax.process_index() == 0
     say = (lambda m: print(f'[{task.name}] {m}', flush=True)) if me else (lambda m: None)  # noqa: E731
     say(f'dry run on {s.mesh.devices.size} devices (mesh {dict(s.mesh.shape)}): {report}')
@@ -507,7 +506,7 @@ def dry_run_report(task: Task, config, *, device_memory_gib: float = 0.0) -> dic
         return out
     say(f'does not fit: {need / gib:.2f} GiB per device > {where}; trying settings that keep the global batch '
         f'{config.batch_size}')
-    sug = what_fits(task, config, need, limit, mesh_shape=dict(s.mesh.shape), image_size=data_cfg.image_size,
+    sug = what_fits(config, build, need, limit, memory_knobs=task.memory_knobs, mesh_shape=dict(s.mesh.shape),
                     dataset_size=size)
     out['suggestion'] = sug
     if sug is None:
@@ -520,30 +519,27 @@ def dry_run_report(task: Task, config, *, device_memory_gib: float = 0.0) -> dic
     return out
 
 
-def run(task: Task, config, workdir, *, dry_run: bool = False, device_memory_gib: float = 0.0) -> dict:
-    """Train `task` into `workdir` (resuming if it holds checkpoints). Returns final metrics.
+def train(config, workdir, build: Build, *, kill_after_step: int | None = None) -> Result:
+    """Train the task `build(config, data source)` into `workdir` (an absolute path, see
+    `checkpoint.abspath`), resuming if it holds checkpoints; one run per workdir (`workdir_lock`).
 
-    `dry_run`: compile only and report the memory (`dry_run_report`); `device_memory_gib` pretends the
-    target device's memory for that comparison."""
-    distributed.maybe_initialize()
-    workdir = checkpoint.abspath(workdir)
-    if dry_run:  # abstract shapes only: no data, no weights, nothing written
-        return dry_run_report(task, config, device_memory_gib=device_memory_gib)
+    `kill_after_step`: fault injection for tests: the process SIGKILLs itself right after that step,
+    once pending checkpoint writes are on disk (the `kill -9` of the resume test without a timing
+    race)."""
     with workdir_lock(workdir):
-        return _train(task, config, workdir)
+        return _train(config, workdir, build, kill_after_step)
 
 
-def _train(task: Task, config, workdir) -> dict:
-    data_cfg = config.data
-    # ---- input (this process's share of the global batch)
+def _train(config, workdir, build: Build, kill_after_step: int | None) -> Result:
+    # ---- input (this process's share of the global batch), then the task, which may depend on it
     local_batch = config.batch_size // jax.process_count()
-    data_iter, source = make_dataset(data_cfg, split='train', local_batch=local_batch, seed=config.seed,
+    data_iter, source = make_dataset(config.data, split='train', local_batch=local_batch, seed=config.seed,
                                      process_index=jax.process_index(), process_count=jax.process_count())
-    task.source = source
-    s = setup(task, config, dataset_size=len(source), image_size=data_cfg.image_size)
+    task = build(config, source)
+    s = setup(task, config, dataset_size=len(source))
 
     # ---- state: resume or create (sharded from the start)
-    cfgs = task.model_configs()
+    cfgs = task.model_configs
     if jax.process_index() == 0:
         checkpoint.write_model_json(workdir, vqvae=cfgs.get('vqvae'), var=cfgs.get('var'),
                                     **{k: v for k, v in cfgs.items() if k not in ('vqvae', 'var')})
@@ -579,10 +575,10 @@ def _train(task: Task, config, workdir) -> dict:
             data_iter.close()
         if jax.process_index() == 0:
             print(f'[{task.name}] already complete at step {start}; nothing to train', flush=True)
-        task.already_complete = True
-        return done
-    task.already_complete = False
-    compiled, report = compile_step(task, s, config, data_cfg.image_size)
+        return Result(done, already_complete=True)
+
+    # ---- compile
+    compiled, report = compile_step(task, s)
     if jax.process_index() == 0:
         print(f'[{task.name}] {report}', flush=True)
 
@@ -594,7 +590,6 @@ def _train(task: Task, config, workdir) -> dict:
     eval_every = config.get('eval_every', 0)
     pending, skipped, nonfinite_run, last = [], 0, 0, {}
     t_last, n_last = time.time(), start
-    flops = task.flops_per_image()
     step = start
     try:
         while step < s.total_steps:
@@ -608,24 +603,19 @@ def _train(task: Task, config, workdir) -> dict:
             if step % log_every == 0 or step == s.total_steps or step == start + 1:
                 fetched = jax.device_get(pending)
                 pending = []
-                nf = sum(int(f['nonfinite']) for f in fetched)
-                new_skips = sum(int(f['skipped']) for f in fetched)
+                last, nf, new_skips = metrics.reduce_steps(fetched)
                 skipped += new_skips
                 nonfinite_run = nonfinite_run + nf if nf == len(fetched) else nf
-                last = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1] if np.ndim(fetched[-1][k]) == 0}
-                for k in fetched[-1]:
-                    if np.ndim(fetched[-1][k]) == 1:  # per-scale vectors
-                        for i, v in enumerate(np.mean([f[k] for f in fetched], 0)):
-                            last[f'{k}/{i}'] = float(v)
                 now = time.time()
                 dt = (now - t_last) / max(step - n_last, 1)
                 t_last, n_last = now, step
                 ips = config.batch_size / dt
-                last.update(nonfinite=nf, data_skipped_total=skipped, images_per_sec=ips, sec_per_step=dt,
+                last.update(data_skipped_total=skipped, images_per_sec=ips, sec_per_step=dt,
                             epoch=step / s.steps_per_epoch)
-                if flops:
-                    last['tflops_per_sec'] = flops * ips / 1e12
-                last.update(task.throughput(ips))
+                if task.flops_per_image:
+                    last['tflops_per_sec'] = task.flops_per_image * ips / 1e12
+                if task.tokens_per_image:
+                    last['tokens_per_sec'] = ips * task.tokens_per_image
                 writer.scalars(step, last)
                 progress.update(step, task.progress_fields(last))
                 if new_skips and jax.process_index() == 0:  # not only in metrics.jsonl
@@ -642,7 +632,7 @@ def _train(task: Task, config, workdir) -> dict:
             if step % ckpt_every == 0 or step == s.total_steps:
                 p, r = _split_for_checkpoint(task, state)
                 ckpt.save(step, p, r, data_iter, force=True, meta=_run_meta(config, s))
-            if step == _FAULT_KILL_AT:  # fault injection for tests: a hard kill right after this step
+            if step == kill_after_step:  # fault injection for tests: a hard kill right after this step
                 ckpt.wait()
                 os.kill(os.getpid(), signal.SIGKILL)
             if stop.requested(step, sync_point=step % log_every == 0):
@@ -652,6 +642,8 @@ def _train(task: Task, config, workdir) -> dict:
                 print(f'[{task.name}] stopped by signal at step {step}; checkpoint saved in {workdir}. '
                       f'Run the same command to resume (exit status {EXIT_STOPPED}).', flush=True)
                 raise SystemExit(EXIT_STOPPED)
+
+        # ---- end: the final evaluation, logged as final/* (what a rerun of a finished run returns)
         if step == s.total_steps:
             last.update(task.evaluate(state, s.frozen, step, writer, final=True))
             writer.scalars(step, {f'final/{k}': v for k, v in last.items()})
@@ -661,7 +653,7 @@ def _train(task: Task, config, workdir) -> dict:
         writer.close()
         if hasattr(data_iter, 'close'):
             data_iter.close()
-    return last
+    return Result(last, already_complete=False)
 
 
 def _run_meta(config, s: Setup) -> dict:

@@ -1,4 +1,5 @@
-"""Metric writers (JSON lines + TensorBoard), the progress line, and throughput arithmetic.
+"""Metric writers (JSON lines + TensorBoard), the reduction of logged steps, the progress line, and
+throughput arithmetic.
 
 Only process 0 writes; other processes get a writer that drops everything. `metrics.jsonl` holds
 one JSON object per logged step ({"step": s, "name": value, ...}) and is appended to on resume,
@@ -91,6 +92,25 @@ class Writer:
                 self._tb.close()
 
 
+def reduce_steps(fetched: list[dict]) -> tuple[dict[str, float | int], int, int]:
+    """The per-step metrics of the steps since the last log (host values, as `jax.device_get`
+    returns them) -> (logged values, non-finite steps, skipped images).
+
+    Scalars become their mean over the steps; a vector (one value per scale, e.g. `acc_scale`)
+    becomes one mean per entry, `name/i`, after the scalars. `nonfinite` (0/1 per step) is logged
+    as the number of non-finite steps, not their mean; `skipped` (unreadable images replaced in
+    each step's batch) is summed for the running total."""
+    nonfinite = sum(int(f['nonfinite']) for f in fetched)
+    skipped = sum(int(f['skipped']) for f in fetched)
+    out = {k: float(np.mean([f[k] for f in fetched])) for k in fetched[-1] if np.ndim(fetched[-1][k]) == 0}
+    for k in fetched[-1]:
+        if np.ndim(fetched[-1][k]) == 1:  # per-scale vectors
+            for i, v in enumerate(np.mean([f[k] for f in fetched], 0)):
+                out[f'{k}/{i}'] = float(v)
+    out['nonfinite'] = nonfinite
+    return out, nonfinite, skipped
+
+
 def read_jsonl(workdir) -> list[dict]:
     """Every logged record of a workdir, in file then line order."""
     d = epath.Path(workdir)
@@ -135,7 +155,7 @@ def var_flops_per_image(cfg) -> float:
     Matmul FLOPs 2 * params_in_matmuls per token, plus attention q.k and p.v over the keys each
     query may see under the block-causal mask (4 * C per query-key pair and layer).
     """
-    c, d, L = cfg.C, cfg.depth, cfg.L
+    c, d, L = cfg.C, cfg.depth, cfg.L  # noqa: N806  (the paper's L: tokens per image)
     hidden = round(c * cfg.mlp_ratio)
     # AdaLN linears run once per image (on the class embedding), not per token: left out
     per_token = d * (3 * c * c + c * c + 2 * c * hidden) + c * cfg.vocab_size + cfg.cvae * c
