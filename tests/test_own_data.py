@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 from var_jax import evaluate
 from var_jax.data.pipeline import FolderSource, make_source
 from var_jax.data.split import held_out_mask
-from var_jax.eval import builtin_score, folder_score
+from var_jax.eval import builtin_score, folder_score, modes
 from var_jax.models.config import PATCH_NUMS_256, PATCH_NUMS_512, downsample_for, patch_nums_for
 from var_jax.training import configs, finetune, own_data
 
@@ -165,7 +165,7 @@ def test_builtin_judge_refuses_a_folder_run(tmp_path):
     (tmp_path / 'config.json').write_text(json.dumps({'data': {'source': 'imagefolder', 'path': str(tmp_path)}}))
     with pytest.raises(ValueError, match='only judges models trained on the built-in'):
         builtin_score.check_workdir(tmp_path)
-    assert evaluate._is_folder_run(tmp_path) and not evaluate._is_folder_run(tmp_path / 'nope')
+    assert modes.is_folder_run(tmp_path) and not modes.is_folder_run(tmp_path / 'nope')
     assert folder_score.check_workdir(tmp_path)['data']['source'] == 'imagefolder'
 
 
