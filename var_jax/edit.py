@@ -46,17 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> int:
-    settings = resolve_settings(args, EDIT_DEMO)
-    if args.seed < 0:
-        raise ValueError(f'--seed must be >= 0, got {args.seed}')
-    edit_file(args.checkpoint, args.image, args.mask, args.out, settings, mode=args.mode, label=args.label,
-              seed=args.seed, step=args.step, force=args.force, dtype=args.dtype)
-    return 0
+def run(args: argparse.Namespace) -> None:
+    edit_file(args.checkpoint, args.image, args.mask, args.out, resolve_settings(args, EDIT_DEMO), mode=args.mode,
+              label=args.label, seed=args.seed, step=args.step, force=args.force, dtype=args.dtype)
 
 
 def main(argv=None) -> int:
-    return cli.run(lambda: run(build_parser().parse_args(argv)))
+    return cli.run(lambda: run(build_parser().parse_args(argv)))  # None: exit 0
 
 
 if __name__ == '__main__':

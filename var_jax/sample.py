@@ -90,8 +90,6 @@ def _check_args(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and v < 1:
             raise ValueError(f'--{name} must be >= 1, got {v}')
-    if args.seed < 0:
-        raise ValueError(f'--seed must be >= 0, got {args.seed}')
     if args.max_chunks < 0:
         raise ValueError('--max_chunks must be >= 0')
 

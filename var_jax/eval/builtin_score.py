@@ -261,13 +261,10 @@ ROWS = (('eval/classifier_test_acc', 'judge accuracy, real test images', '%'),
 
 
 def format_results(results: dict[str, float], settings: dict | None = None) -> str:
-    lines = []
-    if settings:
-        lines.append(f'shapes10 score: {settings["samples"]} samples ({settings["per_class"]} per class), '
-                     f'cfg {settings["cfg"]:g}, top_k {settings["top_k"]}, top_p {settings["top_p"]:g}, '
-                     f'seed {settings["seed"]}; chance accuracy is 10 %')
-    lines += format_rows(results)
-    return '\n'.join(lines)
+    head = [f'shapes10 score: {settings["samples"]} samples ({settings["per_class"]} per class), '
+            f'cfg {settings["cfg"]:g}, top_k {settings["top_k"]}, top_p {settings["top_p"]:g}, '
+            f'seed {settings["seed"]}; chance accuracy is 10 %'] if settings else []
+    return '\n'.join(head + format_rows(results))
 
 
 def format_rows(results: dict[str, float], rows=ROWS) -> list[str]:

@@ -267,19 +267,19 @@ ROWS = tuple((key, label.replace('real test images', 'held-out real images'), ki
 
 
 def report(results: dict[str, float], settings: dict | None = None) -> str:
-    lines = []
+    """The built-in score's table (its rows, read against the held-out images), under a line
+    naming the folder, and a warning when the judge itself is unreliable."""
+    head = []
     if settings:
         k = settings['classes']
-        lines.append(f'folder score of {settings["folder"]} ({k} classes, {settings["train_images"]} training '
-                     f'images; reference: {settings["reference"]}): {settings["samples"]} samples '
-                     f'({settings["per_class"]} per class), cfg {settings["cfg"]:g}, top_k {settings["top_k"]}, '
-                     f'top_p {settings["top_p"]:g}, seed {settings["seed"]}; chance accuracy is {100 / k:.1f} %')
-    lines += builtin_score.format_rows(results, ROWS)
+        head = [f'folder score of {settings["folder"]} ({k} classes, {settings["train_images"]} training '
+                f'images; reference: {settings["reference"]}): {settings["samples"]} samples '
+                f'({settings["per_class"]} per class), cfg {settings["cfg"]:g}, top_k {settings["top_k"]}, '
+                f'top_p {settings["top_p"]:g}, seed {settings["seed"]}; chance accuracy is {100 / k:.1f} %']
     acc = results.get('eval/classifier_test_acc')
-    if acc is not None and acc < 0.8:
-        lines.append(f'note: the judge is right on only {100 * acc:.0f} % of held-out real images; sample '
-                     'accuracies are only as trustworthy as that (more images per class help)')
-    return '\n'.join(lines)
+    note = [f'note: the judge is right on only {100 * acc:.0f} % of held-out real images; sample accuracies are '
+            'only as trustworthy as that (more images per class help)'] if acc is not None and acc < 0.8 else []
+    return '\n'.join(head + builtin_score.format_rows(results, ROWS) + note)
 
 
 def run(workdir, *, per_class: int | None = None, cfg: float | None = None, top_k: int = 0, top_p: float = 0.0,

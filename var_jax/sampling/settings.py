@@ -52,7 +52,10 @@ def check_settings(cfg: float, top_k: int, top_p: float, more_smooth: bool = Fal
 
 def resolve_settings(args: argparse.Namespace, preset: str | dict) -> Settings:
     """The preset's values (a name in PRESETS, or the values themselves), each replaced by its flag
-    when the flag was given."""
+    when the flag was given; also checks the --seed that `add_sampling_flags` defines."""
+    seed = getattr(args, 'seed', None)
+    if seed is not None and seed < 0:
+        raise ValueError(f'--seed must be >= 0, got {seed}')
     base = PRESETS[preset] if isinstance(preset, str) else preset
     return check_settings(**{k: v if getattr(args, k) is None else getattr(args, k) for k, v in base.items()})
 
