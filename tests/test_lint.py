@@ -75,3 +75,45 @@ def test_ci_runs_exactly_the_readme_install_and_test_commands():
     ci = [re.sub(r'\s*\|\|\s*exit$', '', c) for c in _commands((REPO / '.ci' / 'run').read_text())]
     assert ci[-2:] == [install, test[0]]
     assert all(c.startswith(('set ', 'cd ')) for c in ci[:-2]), ci
+
+
+def _imports_of_var_jax() -> dict[str, set[str]]:
+    """module -> the var_jax modules it imports (at the top or inside functions), read with `ast`."""
+    import ast  # noqa: PLC0415  (only this test parses source)
+
+    files = {}
+    for f in (REPO / 'var_jax').rglob('*.py'):
+        name = '.'.join(f.relative_to(REPO).with_suffix('').parts)
+        files[name.removesuffix('.__init__')] = f
+    graph = {}
+    for name, f in files.items():
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or '').startswith('var_jax'):
+                deps |= {f'{node.module}.{a.name}' if f'{node.module}.{a.name}' in files else node.module
+                         for a in node.names}
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith('var_jax')}
+        graph[name] = {d for d in deps if d in files and d != name}
+    return graph
+
+
+def test_no_import_circle():
+    """Issue 20: no module of var_jax reaches itself through its imports (depth-first search)."""
+    graph = _imports_of_var_jax()
+    assert len(graph) > 40
+    done, path = set(), []
+
+    def visit(m):
+        if m in path:
+            raise AssertionError('import circle: ' + ' -> '.join(path[path.index(m):] + [m]))
+        if m in done:
+            return
+        path.append(m)
+        for d in sorted(graph[m]):
+            visit(d)
+        path.pop()
+        done.add(m)
+
+    for m in sorted(graph):
+        visit(m)
