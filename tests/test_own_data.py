@@ -18,6 +18,7 @@ from var_jax import evaluate
 from var_jax.data.pipeline import FolderSource, make_source
 from var_jax.data.split import held_out_mask
 from var_jax.eval import builtin_score, folder_score, modes
+from var_jax.io import checkpoint, official
 from var_jax.models.config import PATCH_NUMS_256, PATCH_NUMS_512, downsample_for, patch_nums_for
 from var_jax.training import configs, finetune, own_data
 
@@ -229,12 +230,9 @@ def test_folder_end_to_end_and_resume(tmp_path):
 
 @pytest.mark.slow
 def test_finetune_official_fixture_on_new_classes(tmp_path):
-    from var_jax import convert  # noqa: PLC0415
-    from var_jax.io import checkpoint  # noqa: PLC0415
-
     fx = fixture_dir('var_tiny')
     ckpt = tmp_path / 'official'
-    vq, var = convert.load_official(fx / 'vae_state.npz', fx / 'var_state.npz')
+    vq, var = official.load_official(fx / 'vae_state.npz', fx / 'var_state.npz')
     checkpoint.save_model(ckpt, vqvae=vq, var=var)
     root = make_shapes_folder(tmp_path / 'shapes', per_class=4, size=64)
     work = tmp_path / 'ft'

@@ -104,6 +104,7 @@ def test_another_tokenizer_on_a_rerun_is_an_error(trained, tmp_path):
     # asking to train one where the workdir holds a copy is the same mistake
     c = tiny_config(other, total_steps=6, **{'tokenizer.checkpoint': ''})
     c.tokenizer.train = configs.tokenizer_tiny()
+    c.tokenizer.allow_other_data = True  # its 32 px built-in data vs VAR's 16 px: not what is tested here
     with pytest.raises(ValueError, match='copy of'):
         var_task.run(c, w)
 
@@ -121,6 +122,7 @@ def test_retraining_the_tokenizer_under_a_trained_var_is_an_error(trained, tmp_p
     (local / 'config.json').write_text(tok.to_json_best_effort())
     c = tiny_config(w, total_steps=6, **{'tokenizer.checkpoint': ''})
     c.tokenizer.train = configs.tokenizer_tiny()
+    c.tokenizer.allow_other_data = True  # its 32 px built-in data vs VAR's 16 px: not what is tested here
     c.tokenizer.train.total_steps = 800
     with pytest.raises(ValueError, match=r'total_steps 600 -> 800'):
         var_task.run(c, w)

@@ -72,7 +72,7 @@ def resolve_tokenizer(config, workdir, *, dry_run: bool = False) -> Tokenizer:
         elif dry_run and tcfg.get('train'):  # the tokenizer this run would train first
             return Tokenizer(configs.vqvae_model_config(tcfg.train.model))
         elif dry_run:  # compile against the official-size tokenizer; no weights needed
-            return Tokenizer(vqvae_config(patch_nums=configs.patch_nums_of(config.model)))
+            return Tokenizer(vqvae_config(patch_nums=configs.patch_nums_of(config)))
         else:
             raise ValueError('config.tokenizer.checkpoint is empty: give a converted official VQVAE or a '
                              'tokenizer workdir, or set config.tokenizer.train to train one first')
