@@ -184,18 +184,18 @@ def _official_checkout():
 def test_compare_tiny_against_the_official_code(tmp_path, capsys):
     official = _official_checkout()
     out = tmp_path / 'compare.json'
-    rc = bench.main(['compare', '--official', str(official), '--tiny', '--workloads', 'train,sample,decode',
-                     '--repeats', '2', '--json', str(out)])
+    rc = bench.main(['compare', '--official', str(official), '--tiny', '--repeats', '2', '--json', str(out),
+                     '--workloads', 'train,train_tokens,sample,decode'])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert '--tiny: VAR depth 2, width 128' in text and 'top-k 64' in text and 'built by build_vae_var' in text
     rows = _table(text)
-    assert [r[0] for r in rows] == ['train', 'sample', 'decode']
+    assert [r[0] for r in rows] == ['train', 'train_tokens', 'sample', 'decode']
     for r in rows:
         assert all(float(c) > 0 for c in r[1:5]) and re.fullmatch(r'\d+\.\d\dx', r[5])
     data = json.loads(out.read_text())
     assert data['official']['builder'] == 'build_vae_var' and data['dtype'] == 'float32'
-    assert [len(r['seconds']['var_jax']) for r in data['results']] == [2, 2, 2]
+    assert [len(r['seconds']['var_jax']) for r in data['results']] == [2, 2, 2, 2]
     assert 'models' in sys.modules and torch_reset_parameters_work()
 
 

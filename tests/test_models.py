@@ -135,8 +135,58 @@ def test_layer_norm_backward_equals_autodiff():
         np.testing.assert_allclose(np.asarray(dx, np.float32), np.asarray(dx_ref, np.float32), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('dtype,preferred', [(jnp.float32, None), (jnp.bfloat16, None), (jnp.bfloat16, jnp.float32)])
+def test_dense_equals_autodiff(dtype, preferred):
+    """`dense` (the Linears' dot_general and the head) has autodiff's forward and gradients; only the
+    summation order of the CPU weight gradient differs."""
+    x = jax.random.normal(jax.random.key(0), (3, 5, 16)).astype(dtype)
+    w = jax.random.normal(jax.random.key(1), (16, 24)).astype(dtype)
+    g = jax.random.normal(jax.random.key(2), (3, 5, 24))
+
+    def run(matmul):
+        out, vjp = jax.vjp(matmul, x, w)
+        return out, vjp(g.astype(out.dtype))
+
+    def plain(x, w):
+        return jax.lax.dot_general(x, w, (((2,), (0,)), ((), ())), preferred_element_type=preferred)
+
+    (out, (dx, dw)), (ref, (dx_ref, dw_ref)) = run(jax.jit(
+        lambda x, w: var_module.dense(x, w, preferred_element_type=preferred))), run(jax.jit(plain))
+    np.testing.assert_array_equal(out, ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    assert (dx.dtype, dw.dtype) == (dtype, dtype)
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.asarray(dw, np.float32), np.asarray(dw_ref, np.float32), rtol=tol, atol=tol)
+    with pytest.raises(ValueError, match='contracts the last axis'):
+        var_module.dense(x, w.T, (((2,), (1,)), ((), ())))
+
+
+def _dots_with_transposed_lhs(hlo: str) -> list[str]:
+    """Unfused dots contracting the first axis of their lhs: XLA:CPU's slow fallback (not YNNPACK)."""
+    return [line for line in hlo.splitlines()
+            if ' dot(' in line and 'lhs_contracting_dims={0}' in line and 'fused_computation' not in line]
+
+
+@pytest.mark.skipif(jax.default_backend() != 'cpu', reason='the layout fix is for XLA:CPU')
+def test_dense_weight_gradient_runs_on_the_fast_cpu_kernels():
+    """Under a layer scan (as VAR's blocks), autodiff's weight gradient is a dot XLA:CPU leaves to its
+    slow fallback; `dense`'s is not (docs/benchmarks.md: 13 s of a 40 s d16 step)."""
+    ws, x = jnp.full((2, 128, 128), 0.01), jnp.ones((256, 128))
+
+    def grad_hlo(matmul):
+        def loss(ws, x):
+            y, _ = jax.lax.scan(lambda c, w: (c + matmul(c, w), None), x, ws)
+            return jnp.sum(y * y)
+        return jax.jit(jax.grad(loss)).lower(ws, x).compile().as_text()
+
+    assert _dots_with_transposed_lhs(grad_hlo(jnp.matmul))  # what autodiff gives: the check can fail
+    assert not _dots_with_transposed_lhs(grad_hlo(var_module.dense))
+
+
 @pytest.mark.slow
-def test_var_gradient_unchanged_by_the_custom_norm_backward(tiny_var, monkeypatch):
+@pytest.mark.parametrize('name,autodiff', [('layer_norm', var_module.layer_norm_autodiff),
+                                           ('dense_matmul', var_module.dense_autodiff)])
+def test_var_gradient_unchanged_by_the_custom_backwards(tiny_var, monkeypatch, name, autodiff):
     x = np.random.default_rng(0).normal(size=(2, TINY_VAR.L - 1, TINY_VAR.cvae)).astype(np.float32)
     graphdef, params = nnx.split(tiny_var, nnx.Param)
 
@@ -147,7 +197,7 @@ def test_var_gradient_unchanged_by_the_custom_norm_backward(tiny_var, monkeypatc
         return jax.grad(loss)(params)
 
     custom = grads()
-    monkeypatch.setattr(var_module, 'layer_norm', var_module.layer_norm_autodiff)
+    monkeypatch.setattr(var_module, name, autodiff)
     for a, b in zip(jax.tree.leaves(custom), jax.tree.leaves(grads())):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-7)
 

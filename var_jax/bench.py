@@ -2,7 +2,7 @@
 
     python -m var_jax.bench sample --model d16 [--batch 1,16,64] [--cfg 1.5 --top_k 900 --top_p 0.96]
     python -m var_jax.bench sample --checkpoint DIR [--repeats 5] [--dtype bfloat16]
-    python -m var_jax.bench train --config configs/tiny.py [--batch 16,32] [--baseline autodiff_norm]
+    python -m var_jax.bench train --config configs/tiny.py [--batch 16,32] [--baseline autodiff_norm|autodiff_dense]
     python -m var_jax.bench train --config configs/d16.py --batch 2 --attention blockwise --baseline xla_attention
     python -m var_jax.bench train --config configs/tokenizer_tiny.py [--batch 16]
     python -m var_jax.bench compare --official DIR [--depth 16] [--workloads train,sample] [--json FILE]
@@ -23,8 +23,9 @@ Compilation is excluded: each part is first run `--warmup` times (the first run 
 tokenizer encode, VAR forward and backward, AdamW) on random images, with random weights for the
 config's tokenizer (its `tokenizer.train.model`, else the official one). `--baseline
 autodiff_norm` also times the same step with JAX's autodiff of LayerNorm instead of the
-hand-written backward (`models.var.layer_norm`) and reports the ratio, both measured in the
-same process, interleaved run by run so that load on the machine hits both alike. `--tokens`
+hand-written backward (`models.var.layer_norm`), `--baseline autodiff_dense` with autodiff's
+weight gradients of the Linears instead of `models.var.dense`'s, and reports the ratio, both
+measured in the same process, interleaved run by run so that load on the machine hits both alike. `--tokens`
 likewise times the step of pre-tokenized training (`data.source='tokens'`: random token batches,
 teacher-forcing input from the indices, no encoder) against the step from images. With a
 tokenizer config (configs/tokenizer*.py) it times the step of `var_jax.train_tokenizer` instead
@@ -36,7 +37,7 @@ your own checkout (`--official DIR`, torch needed), interleaved run by run, and 
 ratio (`var_jax.benchmarks.compare`; what runs on each side: `var_jax.benchmarks.official`):
 
     python -m var_jax.bench compare --official DIR [--depth 16] [--batch 2] [--dtype float32] \
-        [--threads 2] [--workloads train,train_encode,sample,encode,decode] [--repeats 3] [--json FILE]
+        [--threads 2] [--workloads train,train_encode,train_tokens,sample,encode,decode] [--repeats 3] [--json FILE]
 
 `device` is the one-shot accelerator check (`var_jax.benchmarks.device`; docs/gpu.md): matmul
 peak, d16/d20 train-step img/s and MFU, d16 sampling, d30 compiled memory and `compare`, each
@@ -83,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument('--config', required=True, help='training config file, optionally with :arg '
                                                    '(e.g. configs/tiny.py, configs/tokenizer_tiny.py)')
     t.add_argument('--batch', default='16,32', help='comma-separated batch sizes (default 16,32)')
-    t.add_argument('--baseline', choices=('autodiff_norm', 'xla_attention'),
-                   help='also time the step with JAX\'s autodiff LayerNorm backward (autodiff_norm) or with '
-                        'model.attention=\'xla\' (xla_attention) and report the ratio')
+    t.add_argument('--baseline', choices=('autodiff_norm', 'autodiff_dense', 'xla_attention'),
+                   help='also time the step with JAX\'s autodiff LayerNorm backward (autodiff_norm), autodiff\'s '
+                        'weight gradients of the Linears (autodiff_dense) or model.attention=\'xla\' '
+                        '(xla_attention) and report the ratio')
     t.add_argument('--attention', choices=ATTENTION, help='VAR configs: set model.attention for the timed step')
     t.add_argument('--tokens', action='store_true',
                    help='also time the step from pre-tokenized data (data.source=tokens: no encoder) and report '
@@ -106,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
                    help='float32 (default) or bfloat16 (var_jax compute dtype; official autocast)')
     c.add_argument('--threads', type=int, help='CPU threads of each side (default: every core this process may use)')
-    c.add_argument('--workloads', default='train,train_encode,sample,encode,decode',
-                   help='comma-separated, from train,train_encode,sample,encode,decode (default: all)')
+    c.add_argument('--workloads', default='train,train_encode,train_tokens,sample,encode,decode',
+                   help='comma-separated, from train,train_encode,train_tokens,sample,encode,decode (default: all)')
     c.add_argument('--warmup', type=int, default=1, help='untimed runs per side first (default 1)')
     c.add_argument('--repeats', type=int, default=3, help='timed runs per side, interleaved (default 3)')
     c.add_argument('--cfg', type=float, default=1.5, help='sampling guidance (default 1.5)')

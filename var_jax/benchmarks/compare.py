@@ -54,10 +54,11 @@ from var_jax.sampling import generate
 from var_jax.testing import TINY_OFFICIAL_VQ
 from var_jax.training import configs, var_task
 
-WORKLOADS = ('train', 'train_encode', 'sample', 'encode', 'decode')
+WORKLOADS = ('train', 'train_encode', 'train_tokens', 'sample', 'encode', 'decode')
 WHAT = {
     'train': 'VAR train step (forward, cross-entropy, backward, AdamW) on given tokens',
     'train_encode': 'the same, with the tokenizer encode of the images in the step',
+    'train_tokens': "var_jax's step from pre-tokenized data (no encoder) against the official step with the encode",
     'sample': 'class-conditional sampling (guidance, top-k, top-p) and decode',
     'encode': 'tokenizer encode: images -> tokens of every scale',
     'decode': 'tokenizer decode: f_hat -> images',
@@ -131,10 +132,11 @@ class JaxSide:
     def prepare(self, workload: str) -> Callable[[], None]:
         s = self.spec
         key = jax.random.key(s.seed)
-        if workload in ('train', 'train_encode'):
+        if workload in ('train', 'train_encode', 'train_tokens'):
             # the frozen tokenizer encodes in float32 in training (as the official trainer, outside autocast)
             step, state, data, frozen, _ = train_step_program(
-                s.config, s.batch, False, tokenizer=s.vq.replace(dtype='float32'), var_alone=workload == 'train')
+                s.config, s.batch, None, workload == 'train_tokens', tokenizer=s.vq.replace(dtype='float32'),
+                var_alone=workload == 'train', with_state=True)
             held = self._held = {'state': state}
 
             def train():
@@ -335,18 +337,23 @@ def main(args) -> int:
     if not 1 <= threads <= len(cores):
         raise ValueError(f'--threads must be in [1, {len(cores)}] (the cores this process may use), got {threads}')
     torch, _, _ = import_official(args.official)  # the one-line errors before anything is built
-    platform = jax.devices()[0].platform
-    if platform == 'gpu' and not torch.cuda.is_available():
-        raise ValueError('JAX runs on a GPU but this torch has no CUDA: both sides must run on the same device '
-                         '(install a CUDA build of torch, or run JAX on the CPU: JAX_PLATFORMS=cpu)')
-    device = 'cuda' if platform == 'gpu' else 'cpu'
-    if platform not in ('cpu', 'gpu'):
-        raise ValueError(f'compare runs on a CPU or an NVIDIA GPU (torch\'s devices); JAX runs on {platform}')
-    spec = make_spec(depth=args.depth, config=args.config, tiny=args.tiny, batch=args.batch, dtype=args.dtype,
-                     cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    pinned = PinnedCores(threads if device == 'cpu' else len(cores))
+    # pinned before JAX starts its CPU backend: XLA sizes its thread pools by the cores it may use
+    # then (pinned afterwards, its larger pools would share the fewer cores)
+    pinned = PinnedCores(threads)
     sides = []
     try:
+        platform = jax.devices()[0].platform
+        if platform == 'gpu' and not torch.cuda.is_available():
+            raise ValueError('JAX runs on a GPU but this torch has no CUDA: both sides must run on the same device '
+                             '(install a CUDA build of torch, or run JAX on the CPU: JAX_PLATFORMS=cpu)')
+        if platform not in ('cpu', 'gpu'):
+            raise ValueError(f'compare runs on a CPU or an NVIDIA GPU (torch\'s devices); JAX runs on {platform}')
+        device = 'cuda' if platform == 'gpu' else 'cpu'
+        if device == 'cuda':  # --threads is about CPU compute; the GPU's host side keeps every core
+            pinned.restore()
+            pinned = PinnedCores(len(cores))
+        spec = make_spec(depth=args.depth, config=args.config, tiny=args.tiny, batch=args.batch, dtype=args.dtype,
+                         cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
         _say(f'building {spec.describe()} on both sides ...')
         sides = [JaxSide(spec), OfficialSide(args.official, spec, device, threads)]
         deadline = time.monotonic() + args.budget if getattr(args, 'budget', None) else None

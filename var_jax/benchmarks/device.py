@@ -255,7 +255,7 @@ def _train(depth: int):
         batch = 4 if args.smoke else TRAIN_BATCH
         config, vq = _var_config(args, depth, batch)
         t0 = time.monotonic()
-        step, state, data, frozen, what = train.train_step_program(config, batch, False, tokenizer=vq)
+        step, state, data, frozen, what = train.train_step_program(config, batch, tokenizer=vq)
         holder = {'state': state}
 
         def one():

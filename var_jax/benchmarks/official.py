@@ -12,6 +12,9 @@ there; nothing of it is copied into var_jax. Each workload runs what the officia
 - `train_encode`: the same after `vae.img_to_idxBl` + `quantize.idxBl_to_var_input` of random
   images, outside autocast, as `VARTrainer.train_step`. var_jax: the `var_jax.train` step
   (it encodes in the step).
+- `train_tokens`: the official side runs `train_encode` (it has no pre-tokenized path: this is
+  the step its users run); var_jax: the step of pre-tokenized training (`data.source='tokens'`:
+  token batches, teacher-forcing input from the indices, no encoder).
 - `sample`: `VAR.autoregressive_infer_cfg(B, labels, g_seed, cfg, top_k, top_p)` in eval mode
   under `inference_mode`, decode included. var_jax: `sampling.sample` (decode included).
 - `encode`: `vae.img_to_idxBl`. var_jax: `quantize.tokenize(encode(images))`.
@@ -207,10 +210,11 @@ class OfficialSide:
     def prepare(self, workload: str):
         torch, s, c = self.torch, self.spec, self.spec.var
         b, size = s.batch, s.vq.image_size
-        if workload in ('train', 'train_encode'):
-            if workload == 'train_encode':
+        if workload in ('train', 'train_encode', 'train_tokens'):
+            encode = workload != 'train'  # train_tokens: the official on-the-fly step (no pre-tokenized path)
+            if encode:
                 self._need_tokenizer()
-            return self._train_step(encode=workload == 'train_encode')
+            return self._train_step(encode=encode)
         if workload == 'sample':
             self._need_tokenizer()
             self.var.eval()

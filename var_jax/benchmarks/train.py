@@ -4,7 +4,8 @@ With a VAR config: the jitted step of `var_jax.train` (tokenizer encode, VAR for
 backward, AdamW) on random images, with random weights for the config's tokenizer (its
 `tokenizer.train.model`, else the official one). `--baseline autodiff_norm` also times the same
 step with JAX's autodiff of LayerNorm instead of the hand-written backward
-(`models.var.layer_norm`) and reports the ratio, both measured in the same process, interleaved
+(`models.var.layer_norm`), `--baseline autodiff_dense` with autodiff's weight gradients of the
+Linears instead of `models.var.dense`'s, and reports the ratio, both measured in the same process, interleaved
 run by run so that load on the machine hits both alike; `--baseline xla_attention` likewise
 against `model.attention='xla'`. `--tokens` times the step of pre-tokenized training
 (`data.source='tokens'`: random token batches, no encoder) against the step from images. With a
@@ -80,13 +81,20 @@ def _given_tokens(mb, vq):
     return mb['x_in'], mb['target']
 
 
-def train_step_program(config, batch: int, baseline: bool, from_tokens: bool = False, *,
-                       tokenizer: VQVAEConfig | None = None, var_alone: bool = False):
+# `--baseline` choices that trace the step with one function of models/var.py swapped for JAX's autodiff
+AUTODIFF_BASELINES = {'autodiff_norm': ('layer_norm', var_module.layer_norm_autodiff),
+                      'autodiff_dense': ('dense_matmul', var_module.dense_autodiff)}
+
+
+def train_step_program(config, batch: int, baseline: str | None = None, from_tokens: bool = False, *,
+                       tokenizer: VQVAEConfig | None = None, var_alone: bool = False, with_state: bool = False):
     """-> (compiled step, initial state, one batch, frozen params, model description).
 
     The step is the one `var_jax.train` (a VAR config) or `var_jax.train_tokenizer` (a tokenizer
     config) runs, built by the same `loop.setup` / `loop.compile_step`. `tokenizer`: the
-    VQVAE a VAR config encodes with (default `tokenizer_config`). `var_alone`: the VAR step without
+    VQVAE a VAR config encodes with (default `tokenizer_config`). `from_tokens`: the step of
+    pre-tokenized training, which returns no state of its own unless `with_state` (`bench train
+    --tokens` runs it on the image step's). `var_alone`: the VAR step without
     the encode, fed random teacher-forcing input and targets (jitted on one device as `loop.setup`
     does, with the batch's two extra arrays)."""
     config = one_device_config(config, batch, tokenizer)
@@ -126,14 +134,15 @@ def train_step_program(config, batch: int, baseline: bool, from_tokens: bool = F
         with sharding.use_mesh(s.mesh):
             compiled = jax.jit(loop._guarded(task, s.tx), donate_argnums=0).lower(state, data, s.frozen).compile()
         return compiled, state, data, s.frozen, what
-    patch = (mock.patch.object(var_module, 'layer_norm', var_module.layer_norm_autodiff) if baseline
+    patch = (mock.patch.object(var_module, *AUTODIFF_BASELINES[baseline]) if baseline in AUTODIFF_BASELINES
              else contextlib.nullcontext())
-    with patch:  # the norm is looked up while tracing, so only this program uses the baseline
+    with patch:  # looked up while tracing (the model is built in the step), so only this program uses it
         compiled, _ = loop.compile_step(task, s)
     data = {k: jax.device_put(v, s.batch_shardings[k]) for k, v in data.items()}
     # from tokens: no state of its own; it runs on the image step's (same structure), which halves
     # the memory of the comparison (two d16 states did not fit a 23 GB machine)
-    return compiled, None if from_tokens else s.init_fn(jax.random.key(0)), data, s.frozen, what
+    state = None if from_tokens and not with_state else s.init_fn(jax.random.key(0))
+    return compiled, state, data, s.frozen, what
 
 
 def main(args) -> int:
@@ -160,7 +169,7 @@ def main(args) -> int:
                 c = config.copy_and_resolve_references()
                 c.model.attention = 'xla'
             progs[v], states[v], datas[v], frozen, what = train_step_program(
-                c, b, v == 'baseline' and args.baseline == 'autodiff_norm', v == 'tokens')
+                c, b, args.baseline if v == 'baseline' else None, v == 'tokens')
         times = {v: [] for v in variants}
         for i in range(args.warmup + args.repeats):  # interleaved: machine load hits every variant alike
             for v in variants:

@@ -93,6 +93,66 @@ def layer_norm_autodiff(x: jax.Array, eps: float) -> jax.Array:
     return (x - mean) * jax.lax.rsqrt(var + eps)
 
 
+def dense(x: jax.Array, w: jax.Array, dimension_numbers=None, precision=None, preferred_element_type=None,
+          out_sharding=None) -> jax.Array:
+    """x (..., K) @ w (K, N), the `dot_general` of the block Linears and the head.
+
+    Same forward and gradients as autodiff; on CPU the weight gradient dW = X^T dY is formed
+    differently. Autodiff's dot contracts the token axis of X in place (X "transposed" inside the
+    dot), which XLA:CPU does not give to its fast YNNPACK kernels: its fallback ran d16's
+    fc1/fc2/proj weight gradients at ~31 GFLOP/s against ~90 for YNNPACK, 13 s of a 40 s step
+    (docs/benchmarks.md). So on CPU X^T is materialised first and the dot is a plain
+    (K, T) @ (T, N) product. The transpose sits alone in a `lax.cond` whose two branches are the
+    same transpose: the cond only keeps XLA from fusing it with the slice of nnx.scan's stacked
+    residuals, a fused loop ~25x slower than XLA's transpose kernel (0.27 s per layer at d16).
+    """
+    if dimension_numbers is not None and dimension_numbers != (((x.ndim - 1,), (0,)), ((), ())):
+        raise ValueError(f'dense contracts the last axis of x with the first of w, got {dimension_numbers}')
+    if out_sharding is not None:
+        raise ValueError('dense takes no out_sharding (constrain the output instead)')
+    return dense_matmul(x, w, precision, None if preferred_element_type is None else jnp.dtype(preferred_element_type))
+
+
+def _contract_last_first(x, w, precision, preferred):
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), precision=precision,
+                               preferred_element_type=preferred)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def dense_matmul(x, w, precision, preferred):
+    """`dense` as a custom-VJP function (looked up while tracing: `bench train --baseline
+    autodiff_dense` swaps in `dense_autodiff`)."""
+    return _contract_last_first(x, w, precision, preferred)
+
+
+def dense_autodiff(x, w, precision, preferred):
+    """The same product differentiated by JAX."""
+    return _contract_last_first(x, w, precision, preferred)
+
+
+def _dense_fwd(x, w, precision, preferred):
+    return _contract_last_first(x, w, precision, preferred), (x, w)
+
+
+def _dense_bwd(precision, preferred, res, g):
+    x, w = res
+    _, vjp = jax.vjp(lambda x, w: _contract_last_first(x, w, precision, preferred), x, w)
+    dx = vjp(g)[0]  # autodiff's
+
+    def on_cpu(x, g):  # autodiff's weight-gradient dot, X^T materialised first
+        x, g = x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1])
+        transpose = lambda t: t.T  # noqa: E731
+        xt = jax.lax.cond(jnp.sum(g.reshape(-1)[:1]) > 0, transpose, transpose, x)  # either branch: X^T, unfused
+        return jax.lax.dot_general(xt, g, (((1,), (0,)), ((), ())), precision=precision,
+                                   preferred_element_type=w.dtype)
+
+    dw = jax.lax.platform_dependent(x, g, cpu=on_cpu, default=lambda x, g: vjp(g)[1])
+    return dx, dw
+
+
+dense_matmul.defvjp(_dense_fwd, _dense_bwd)
+
+
 def _l2_normalize(x: jax.Array) -> jax.Array:
     x = x.astype(F32)
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -300,7 +360,7 @@ class SelfAttention(nnx.Module):
         if cfg.attn_l2_norm:
             self.scale_mul = nnx.Param(jnp.full((h,), math.log(4.0), F32), **_axes('heads'))
         self.proj = nnx.Linear(c, c, kernel_init=trunc_normal(cfg.std, 1 / math.sqrt(2 * cfg.depth)),
-                               dtype=to_jnp_dtype(cfg.dtype), rngs=rngs,
+                               dtype=to_jnp_dtype(cfg.dtype), dot_general=dense, rngs=rngs,
                                kernel_metadata=_axes('heads', 'embed'), bias_metadata=_axes('embed'))
 
     def __call__(self, x, *, mask=None, cache=None, start: int = 0):
@@ -332,10 +392,10 @@ class SelfAttention(nnx.Module):
 class FFN(nnx.Module):
     def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
         c, hidden, dtype = cfg.C, round(cfg.C * cfg.mlp_ratio), to_jnp_dtype(cfg.dtype)
-        self.fc1 = nnx.Linear(c, hidden, kernel_init=trunc_normal(cfg.std), dtype=dtype, rngs=rngs,
+        self.fc1 = nnx.Linear(c, hidden, kernel_init=trunc_normal(cfg.std), dtype=dtype, dot_general=dense, rngs=rngs,
                               kernel_metadata=_axes('embed', 'mlp'), bias_metadata=_axes('mlp'))
         self.fc2 = nnx.Linear(hidden, c, kernel_init=trunc_normal(cfg.std, 1 / math.sqrt(2 * cfg.depth)),
-                              dtype=dtype, rngs=rngs, kernel_metadata=_axes('mlp', 'embed'),
+                              dtype=dtype, dot_general=dense, rngs=rngs, kernel_metadata=_axes('mlp', 'embed'),
                               bias_metadata=_axes('embed'))
 
     def __call__(self, x):
@@ -470,7 +530,7 @@ class VAR(nnx.Module):
         """
         dtype = to_jnp_dtype(self.config.dtype)
         h = self.head_nm(x, cond).astype(dtype)
-        logits = jnp.einsum('blc,cv->blv', h, self.head.kernel[...].astype(dtype), preferred_element_type=F32)
+        logits = dense(h, self.head.kernel[...].astype(dtype), preferred_element_type=F32)
         return constrain(logits + self.head.bias[...].astype(F32), ('batch', None, 'vocab'))
 
     # ------------------------------------------------------------------ teacher forcing
