@@ -27,11 +27,15 @@ def _table(out: str) -> list[list[str]]:
 @pytest.mark.slow
 def test_train_step_against_the_autodiff_norm_baseline(capsys):
     rc = bench.main(['train', '--config', str(REPO / 'configs' / 'tiny.py') + ':ci', '--batch', '2',
-                     '--warmup', '1', '--repeats', '2', '--baseline', 'autodiff_norm'])
+                     '--warmup', '1', '--repeats', '2', '--baseline', 'autodiff_norm', '--profile', '4'])
     out = capsys.readouterr().out
     assert rc == 0, out
     assert 'VAR depth 2 width 128, 130 tokens' in out and '(1 of ' in out
-    (row,) = _table(out)
+    head, _, profile = out.partition('# profile of one step at batch 2: ')
+    assert 'the 4 slowest' in profile
+    ops = [r for r in _table(profile) if r[0] != 'op']
+    assert len(ops) == 4 and all(float(r[1]) > 0 and r[2].endswith('%') and int(r[3]) >= 1 for r in ops)
+    (row,) = _table(head)
     batch, ms, img_s, base_ms, ratio = row
     assert batch == '2' and float(ms) > 0 and float(base_ms) > 0
     assert float(img_s) == pytest.approx(2 / (float(ms) / 1e3), rel=0.02)

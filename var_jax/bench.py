@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'the ratio')
     t.add_argument('--warmup', type=int, default=3, help='untimed steps first (default 3)')
     t.add_argument('--repeats', type=int, default=20, help='timed steps; the median is reported (default 20)')
+    t.add_argument('--profile', type=int, default=0, metavar='N',
+                   help='then profile one more step and list its N slowest XLA ops (where the time goes)')
     t.set_defaults(run=train.main)
 
     c = sub.add_parser('compare', help='var_jax against the official PyTorch code: same workloads, interleaved',

@@ -1,6 +1,9 @@
 """Timing and table helpers shared by the benchmark workloads."""
 from __future__ import annotations
 
+import collections
+import pathlib
+import tempfile
 import time
 
 import jax
@@ -44,3 +47,29 @@ def int_list(text: str, flag: str) -> list[int]:
 def check_runs(warmup: int, repeats: int) -> None:
     if warmup < 1 or repeats < 1:
         raise ValueError('--warmup and --repeats must be >= 1')
+
+
+def op_profile(fn) -> tuple[float, list[tuple[str, float, int]]]:
+    """Run `fn` once under `jax.profiler` -> (seconds in XLA ops, [(op, seconds, calls)] slowest first).
+
+    The ops are the executable's thunks as the profiler names them (fusion names as in the
+    compiled HLO, `ynn_fusion*` = XLA:CPU's YNNPACK kernels); an op inside a scanned layer is
+    summed over its calls. Host-side events (Python, dispatch, thread-pool bookkeeping) are left out.
+    """
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d):
+            jax.block_until_ready(fn())
+        (path,) = pathlib.Path(d).rglob('*.xplane.pb')
+        data = jax.profiler.ProfileData.from_file(str(path))
+        seconds, calls = collections.Counter(), collections.Counter()
+        planes = [p for p in data.planes if p.name.startswith('/device:')]  # an accelerator's kernels
+        for plane in planes or [p for p in data.planes if p.name == '/host:CPU']:  # else XLA:CPU's thunks
+            for line in plane.lines:
+                if line.name == 'python':
+                    continue
+                for e in line.events:
+                    if e.name.startswith(('ThreadpoolListener', 'end:', 'ThunkExecutor')):
+                        continue
+                    seconds[e.name] += e.duration_ns / 1e9
+                    calls[e.name] += 1
+    return sum(seconds.values()), [(n, t, calls[n]) for n, t in seconds.most_common()]

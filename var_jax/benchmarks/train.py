@@ -28,7 +28,7 @@ from unittest import mock
 import jax
 import numpy as np
 
-from var_jax.benchmarks.timing import check_runs, device_kind, int_list, num
+from var_jax.benchmarks.timing import check_runs, device_kind, int_list, num, op_profile
 from var_jax.data import builtin
 from var_jax.models import VQVAEConfig, create, vqvae_config
 from var_jax.models import var as var_module
@@ -159,7 +159,9 @@ def main(args) -> int:
     if args.tokens and args.baseline:
         raise ValueError('--tokens and --baseline each compare with the plain step: give one of them')
     variants = ('step',) + (('baseline',) if args.baseline else ()) + (('tokens',) if args.tokens else ())
-    rows, what = [], ''
+    if args.profile < 0:
+        raise ValueError(f'--profile must be >= 0, got {args.profile}')
+    rows, profiles, what = [], [], ''
     for b in batches:
         progs, states, datas = {}, {}, {}
         for v in variants:
@@ -180,6 +182,8 @@ def main(args) -> int:
                 if i >= args.warmup:
                     times[v].append(time.perf_counter() - t0)
         rows.append((b, {v: statistics.median(t) for v, t in times.items()}))
+        if args.profile:
+            profiles.append((b, _profile_step(progs['step'], states, datas['step'], frozen, args.profile)))
     print(f'# train: {args.config}: {what}')
     print(f'# device: {device_kind()} (1 of {jax.device_count()}); '
           f'median of {args.repeats} steps after {args.warmup} warm-up')
@@ -200,4 +204,19 @@ def main(args) -> int:
         print('|---:|---:|---:|')
         for b, t in rows:
             print(f'| {b} | {num(t["step"] * 1e3)} | {num(b / t["step"])} |')
+    for b, table in profiles:
+        print(f'\n{table}'.replace('BATCH', str(b)))
     return 0
+
+
+def _profile_step(step, states, data, frozen, top: int) -> str:
+    """One more step of `step` under the profiler -> a markdown table of its `top` slowest ops."""
+    def run():
+        states['step'], m = step(states['step'], data, frozen)
+        return m['loss']
+
+    total, ops = op_profile(run)
+    lines = [f'# profile of one step at batch BATCH: {num(total)} s in XLA ops; the {min(top, len(ops))} slowest',
+             '| op | s | share | calls |', '|---|---:|---:|---:|']
+    lines += [f'| {name} | {num(t)} | {100 * t / total:.1f} % | {c} |' for name, t, c in ops[:top]]
+    return '\n'.join(lines)
